@@ -1,0 +1,49 @@
+"""ntklayers: exact finite-width Neural Tangent Kernels from cached layer factors.
+
+Swap ``hk.Linear`` for :class:`ntklayers.Linear` (and convolutions, attention and
+LayerNorm for their ``ntklayers.haiku`` counterparts), then::
+
+    kernel_fn = ntklayers.ntk_fn(apply_fn)
+    K = kernel_fn(params, x1, x2)          # [N1, N2, O, O]
+
+Parameters of layers that are not annotated are still counted exactly.
+"""
+
+from ntklayers._api import ntk
+from ntklayers._api import ntk_fn
+from ntklayers._api import summed_logits
+from ntklayers._capture import tap
+from ntklayers._contract import contract
+from ntklayers._factors import Factors
+from ntklayers._factors import capture
+from ntklayers._rules import ConvConfig
+from ntklayers._rules import DenseConfig
+from ntklayers._rules import Rule
+from ntklayers._rules import ScaleConfig
+from ntklayers._rules import register_rule
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ConvConfig",
+    "DenseConfig",
+    "Factors",
+    "Linear",
+    "Rule",
+    "ScaleConfig",
+    "capture",
+    "contract",
+    "ntk",
+    "ntk_fn",
+    "register_rule",
+    "summed_logits",
+    "tap",
+)
+
+
+def __getattr__(name: str):
+  # `ntklayers.Linear` is the Haiku drop-in; Haiku is an optional extra.
+  if name == "Linear":
+    from ntklayers.haiku import Linear  # pylint: disable=g-import-not-at-top
+    return Linear
+  raise AttributeError(f"module 'ntklayers' has no attribute {name!r}")

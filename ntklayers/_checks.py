@@ -1,0 +1,91 @@
+"""Input validation: clear errors that name the argument and show the shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
+
+
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda a: tuple(np.shape(a)), tree)
+
+
+def check_implementation(implementation: Any) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+
+
+def check_axes(value: Any, name: str) -> tuple[int, ...]:
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return (int(value),)
+  if isinstance(value, Sequence) and not isinstance(value, str) and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in value):
+    return tuple(int(a) for a in value)
+  raise TypeError(f"`{name}` must be an int or a sequence of ints, got {value!r}.")
+
+
+def check_params(params: Any) -> None:
+  leaves = jax.tree.leaves(params)
+  if not leaves:
+    raise ValueError("`params` has no leaves: there is nothing to differentiate.")
+  for leaf in leaves:
+    if not hasattr(leaf, "dtype"):
+      raise TypeError(
+          f"`params` leaves must be arrays, got {type(leaf).__name__} in "
+          f"{_shapes(params)}.")
+
+
+def check_batch(x: Any, name: str) -> int:
+  leaves = jax.tree.leaves(x)
+  if not leaves:
+    raise ValueError(f"`{name}` has no array leaves.")
+  shapes = [np.shape(a) for a in leaves]
+  if any(len(s) == 0 for s in shapes):
+    raise ValueError(
+        f"Every leaf of `{name}` needs a leading batch axis; got shapes {_shapes(x)}.")
+  sizes = {s[0] for s in shapes}
+  if len(sizes) != 1:
+    raise ValueError(
+        f"Leaves of `{name}` disagree in batch size: {_shapes(x)}.")
+  n = sizes.pop()
+  if n == 0:
+    raise ValueError(f"`{name}` is an empty batch (shape {_shapes(x)}).")
+  return n
+
+
+def check_pair(x1: Any, x2: Any) -> None:
+  """``x1`` and ``x2`` must have the same structure, trailing shapes and dtypes."""
+  check_batch(x1, "x1")
+  if x2 is None:
+    return
+  check_batch(x2, "x2")
+  t1, t2 = jax.tree.structure(x1), jax.tree.structure(x2)
+  if t1 != t2:
+    raise ValueError(f"`x1` and `x2` have different structures: {t1} vs {t2}.")
+  for a, b in zip(jax.tree.leaves(x1), jax.tree.leaves(x2)):
+    if np.shape(a)[1:] != np.shape(b)[1:] or np.result_type(a) != np.result_type(b):
+      raise ValueError(
+          f"`x1` and `x2` must agree in every axis but the batch axis and in "
+          f"dtype; got {_shapes(x1)} ({np.result_type(a)}) vs {_shapes(x2)} "
+          f"({np.result_type(b)}).")
+
+
+def call_discover(discover, f, params, x):
+  """Runs discovery, turning failures of ``f`` into errors that name the inputs."""
+  if not callable(f):
+    raise TypeError(f"`f` must be callable as f(params, x), got {type(f).__name__}.")
+  try:
+    return discover(f, params, x)
+  except (TypeError, ValueError) as e:
+    if str(e).startswith(("`f`", "The output of `f`")):
+      raise
+    raise type(e)(
+        f"Calling f(params, x) failed: {e}\n  Check that `params` matches `f` and "
+        f"`x` has the shape `f` expects. params shapes: {_shapes(params)}; x "
+        f"shapes: {_shapes(x)}.") from e

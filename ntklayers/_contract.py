@@ -1,0 +1,135 @@
+"""``contract``: assemble the kernel from two caches of factors.
+
+Each structured group is contracted on the cheaper side of the paper's
+``min(Y, P)`` (activation space vs per-example parameter Jacobians); fallback
+leaves by Jacobian contraction or NTK-vector products; blocks are summed, or
+returned per module with ``layerwise=True``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ntklayers import _checks
+from ntklayers import _contractions as C
+from ntklayers._axes import OutputSpec
+from ntklayers._factors import Factors
+from ntklayers._fallback import ntk_vp_kernel
+
+
+def _sum_jac(fn, calls, roles):
+  if fn is C.affine_jacobian:
+    return sum(fn(x, g, "w" in roles, "b" in roles) for x, g in calls)
+  return sum(fn(x, g, "scale" in roles, "offset" in roles) for x, g in calls)
+
+
+def _group_kernel(spec: OutputSpec, group, calls1, calls2, same: bool) -> jax.Array:
+  if group.op == "scale":
+    j1 = _sum_jac(C.scale_jacobian, calls1, group.roles)
+    j2 = j1 if same else _sum_jac(C.scale_jacobian, calls2, group.roles)
+    return C.jacobian_kernel(spec, j1, j2)
+  with_w, with_b = "w" in group.roles, "b" in group.roles
+  shapes1 = [(x.shape, g.shape) for x, g in calls1]
+  shapes2 = [(x.shape, g.shape) for x, g in calls2]
+  act, jac = C.affine_costs(spec, shapes1, shapes2, same)
+  if not with_w or jac < act:
+    j1 = _sum_jac(C.affine_jacobian, calls1, group.roles)
+    j2 = j1 if same else _sum_jac(C.affine_jacobian, calls2, group.roles)
+    return C.jacobian_kernel(spec, j1, j2)
+  return sum(C.affine_activation_kernel(spec, x1, g1, x2, g2, with_w, with_b)
+             for x1, g1 in calls1 for x2, g2 in calls2)
+
+
+def _warn_nonfinite(ok) -> None:
+  if not bool(ok):
+    warnings.warn(
+        "ntklayers: the kernel contains NaN or inf values (check the model's "
+        "outputs and parameters, e.g. for overflow in float16/float32).",
+        RuntimeWarning, stacklevel=2)
+
+
+def contract(cache1: Factors, cache2: Factors | None = None, *,
+             trace_axes: int | Sequence[int] = (),
+             diagonal_axes: int | Sequence[int] = (),
+             layerwise: bool = False) -> jax.Array | dict[str, jax.Array]:
+  """Contracts two caches of factors into the NTK ``Theta(x1, x2)``.
+
+  Glossary of shapes: ``N1``, ``N2`` batch sizes; model outputs ``[N, *rest]``.
+
+  Args:
+    cache1: factors of the first batch (:func:`ntklayers.capture`).
+    cache2: factors of the second batch; ``None`` (or ``cache1``) for ``x2 = x1``.
+    trace_axes: output axes contracted and averaged (neural-tangents convention).
+    diagonal_axes: output axes on which only ``i1 == i2`` is kept.
+    layerwise: return ``{module name: kernel}`` summing to the full kernel.
+
+  Returns:
+    ``[N1, N2, O, O]`` for outputs ``[N, O]`` with the defaults; in general axes
+    ordered ``(N1, N2, A1, A2, ...)`` with traced axes removed and diagonal axes
+    once. A dict of such kernels with ``layerwise=True``.
+
+  Example:
+    >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers
+    >>> net = hk.without_apply_rng(hk.transform(lambda x: ntklayers.Linear(2)(x)))
+    >>> params = net.init(jax.random.key(0), jnp.ones((3, 4)))
+    >>> c1 = ntklayers.capture(net.apply, params, jnp.ones((3, 4)))
+    >>> c2 = ntklayers.capture(net.apply, params, jnp.zeros((5, 4)))
+    >>> ntklayers.contract(c1, c2, trace_axes=(-1,)).shape
+    (3, 5)
+  """
+  for name, c in (("cache1", cache1), ("cache2", cache2)):
+    if c is not None and not isinstance(c, Factors):
+      raise TypeError(f"`{name}` must come from ntklayers.capture, got {type(c).__name__}.")
+  if not isinstance(layerwise, bool):
+    raise TypeError(f"`layerwise` must be a bool, got {layerwise!r}.")
+  same = cache2 is None or cache2 is cache1
+  cache2 = cache1 if cache2 is None else cache2
+  m1, m2 = cache1.meta, cache2.meta
+  if m1.signature() != m2.signature():
+    raise ValueError(
+        "`cache1` and `cache2` were captured with different functions, options or "
+        f"layer structure: outputs {m1.out_shape} vs {m2.out_shape}, structured "
+        f"layers {[g.name for g in m1.plan.groups]} vs "
+        f"{[g.name for g in m2.plan.groups]}, fallback "
+        f"{[g.name for g in m1.plan.fallback]} vs {[g.name for g in m2.plan.fallback]}.")
+  spec = OutputSpec.create(m1.out_shape, m2.out_shape,
+                           _checks.check_axes(trace_axes, "trace_axes"),
+                           _checks.check_axes(diagonal_axes, "diagonal_axes"))
+  blocks: dict[str, jax.Array] = {}
+
+  def add(name, k):
+    blocks[name] = blocks[name] + k if name in blocks else k
+
+  for group, calls1, calls2 in zip(m1.plan.groups, cache1.layers, cache2.layers):
+    add(group.name, _group_kernel(spec, group, calls1, calls2, same))
+  fallback = m1.plan.fallback
+  if fallback:
+    use_jac = bool(cache1.fallback_jacobians) and bool(cache2.fallback_jacobians)
+    if use_jac:
+      pos, off = {}, 0
+      for g in fallback:
+        pos[g.name] = (off, off + len(g.leaves))
+        off += len(g.leaves)
+      parts = fallback if layerwise else [None]
+      for g in parts:
+        lo, hi = pos[g.name] if g is not None else (0, off)
+        j1 = jnp.concatenate(cache1.fallback_jacobians[lo:hi], axis=-1)
+        j2 = j1 if same else jnp.concatenate(cache2.fallback_jacobians[lo:hi], axis=-1)
+        add(g.name if g is not None else "fallback", C.jacobian_kernel(spec, j1, j2))
+    else:
+      parts = [(g.name, g.leaves) for g in fallback] if layerwise else [
+          ("fallback", tuple(i for g in fallback for i in g.leaves))]
+      for name, leaves in parts:
+        add(name, ntk_vp_kernel(spec, m1.f, cache1.params, cache1.inputs,
+                                cache2.params, cache2.inputs, leaves))
+  if not blocks:
+    raise ValueError(
+        "No trainable parameters: every leaf of `params` is masked out by `trainable`.")
+  blocks = {k: spec.finalize(v) for k, v in blocks.items()}
+  total = sum(blocks.values())
+  jax.debug.callback(_warn_nonfinite, jnp.all(jnp.isfinite(total)))
+  return blocks if layerwise else total

@@ -1,0 +1,143 @@
+"""Framework-agnostic contractions of cached factors into kernel blocks.
+
+Every annotated layer is reduced (by its rule, see ``_rules.py``) to canonical
+factors of one of two *ops*:
+
+* ``affine``: ``y[t, g, j] = sum_i x[t, g, i] w[g, i, j] (+ b[g, j])`` shared over
+  positions ``t`` (sequence positions, conv patches, repeated calls) and split into
+  ``g`` groups (grouped convolutions; ``g = 1`` for dense layers).
+  ``x: [Nx, T, G, I]``, ``g: [N, O, T, G, J]``.
+* ``scale``: ``y[t, c] = x[t, c] * s[c] (+ b[c])`` (LayerNorm's scale and offset).
+  ``x: [Nx, T, C]``, ``g: [N, O, T, C]``.
+
+``Nx`` is ``N`` when layer rows are the model's examples, or ``1`` when the batch
+was folded into the sharing axis ``T`` (samples that interact, e.g. BatchNorm in
+training mode); the letters below handle both. ``O`` is the flattened non-batch
+output; it is unflattened here into the output axes named by ``OutputSpec``.
+
+Two exact ways to contract an affine layer (paper, §3.4 and Eq. 9 / 13):
+
+* activation space: ``K = sum_{t,s,g} (x1[t,g] . x2[s,g] + 1_b) (g1[o,t,g] . g2[q,s,g])``;
+* parameter space: per-example Jacobians ``J[n,o] = sum_t x[n,t] (x) g[n,o,t]`` then
+  ``K = J1 . J2``.
+
+:func:`affine_costs` estimates both so that the cheaper one is used.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ntklayers._axes import OutputSpec
+
+_HIGHEST = "highest"
+
+
+def _unflatten(g: jnp.ndarray, out_rest: tuple[int, ...]) -> jnp.ndarray:
+  """``[N, O, ...] -> [N, *out_rest, ...]``."""
+  return g.reshape(g.shape[:1] + out_rest + g.shape[2:])
+
+
+def _batch_x(x: jnp.ndarray, n: int, letter: str, rest: str):
+  """Letters for a primal ``x`` of leading size ``N`` (per example) or ``1`` (shared)."""
+  if x.shape[0] == n:
+    return x, letter + rest
+  return x[0], rest
+
+
+# ------------------------------------------------------------- Jacobians ---
+
+
+def affine_jacobian(x: jnp.ndarray | None, g: jnp.ndarray, with_w: bool,
+                    with_b: bool) -> jnp.ndarray:
+  """Per-example parameter Jacobian of an affine layer, ``[N, O, P]``."""
+  n, o = g.shape[:2]
+  parts = []
+  if with_w:
+    xx, xl = _batch_x(x, n, "n", "tgi")
+    jw = jnp.einsum(f"{xl},notgj->nogij", xx, g, precision=_HIGHEST)
+    parts.append(jw.reshape(n, o, -1))
+  if with_b:
+    parts.append(g.sum(axis=2).reshape(n, o, -1))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def scale_jacobian(x: jnp.ndarray, g: jnp.ndarray, with_scale: bool,
+                   with_offset: bool) -> jnp.ndarray:
+  """Per-example parameter Jacobian of an elementwise scale/offset, ``[N, O, P]``."""
+  n = g.shape[0]
+  parts = []
+  if with_scale:
+    xx, xl = _batch_x(x, n, "n", "tc")
+    parts.append(jnp.einsum(f"{xl},notc->noc", xx, g, precision=_HIGHEST))
+  if with_offset:
+    parts.append(g.sum(axis=2))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def jacobian_kernel(spec: OutputSpec, j1: jnp.ndarray, j2: jnp.ndarray) -> jnp.ndarray:
+  """``K = J1 . J2`` over parameters. ``j: [N, O, P]`` -> kernel layout of ``spec``."""
+  out_rest = spec.shape1[1:]
+  s1, s2, res = spec.letters()
+  return jnp.einsum(f"{s1}p,{s2}p->{res}", _unflatten(j1, out_rest),
+                    _unflatten(j2, out_rest), precision=_HIGHEST)
+
+
+# ------------------------------------------------------ activation space ---
+
+
+def affine_activation_kernel(spec: OutputSpec, x1: jnp.ndarray, g1: jnp.ndarray,
+                             x2: jnp.ndarray, g2: jnp.ndarray, with_w: bool,
+                             with_b: bool) -> jnp.ndarray:
+  """Kernel of an affine layer contracted in activation space (no Jacobians)."""
+  out_rest = spec.shape1[1:]
+  s1, s2, res = spec.letters()
+  g1 = _unflatten(g1, out_rest)
+  g2 = _unflatten(g2, out_rest)
+  x1, x1l = _batch_x(x1, g1.shape[0], s1[0], "tgi")
+  x2, x2l = _batch_x(x2, g2.shape[0], s2[0], "sgi")
+  gram_letters = "".join(dict.fromkeys(x1l[:-3] + x2l[:-3])) + "tsg"
+  if with_w:
+    gram = jnp.einsum(f"{x1l},{x2l}->{gram_letters}", x1, x2, precision=_HIGHEST)
+    if with_b:
+      gram = gram + 1
+  else:
+    gram = None
+  g1l, g2l = f"{s1}tgj", f"{s2}sgj"
+  if gram is None:  # bias only: sum over positions first
+    return jnp.einsum(f"{s1}gj,{s2}gj->{res}", g1.sum(axis=-3), g2.sum(axis=-3),
+                      precision=_HIGHEST)
+  return jnp.einsum(f"{gram_letters},{g1l},{g2l}->{res}", gram, g1, g2,
+                    precision=_HIGHEST, optimize="optimal")
+
+
+# ------------------------------------------------------------------ cost ---
+
+
+def affine_costs(spec: OutputSpec, calls1: list, calls2: list,
+                 same: bool) -> tuple[float, float]:
+  """FLOP estimates ``(activation, jacobian)`` for one affine layer.
+
+  Args:
+    spec: output layout.
+    calls1: ``[(x_shape, g_shape), ...]`` per call for the first batch, with
+      ``x: [Nx, T, G, I]`` and ``g: [N, O, T, G, J]``.
+    calls2: the same for the second batch.
+    same: whether both batches are the same cache (Jacobians formed once).
+  """
+  n1, n2 = spec.shape1[0], spec.shape2[0]
+  nn = n1 if 0 in spec.trace_axes + spec.diagonal_axes else n1 * n2
+  pairs = spec.output_pairs
+  act = 0.0
+  for (xs1, gs1) in calls1:
+    for (xs2, _) in calls2:
+      t, groups, i = xs1[1:]
+      s = xs2[1]
+      j = gs1[-1]
+      act += nn * t * s * groups * (i + pairs * j + pairs)
+  def form(calls):
+    return sum(g[0] * g[1] * g[2] * g[3] * x[3] * g[4] for x, g in calls)
+  i = calls1[0][0][3]
+  groups, j = calls1[0][1][3:]
+  jac = form(calls1) + (0 if same else form(calls2)) + nn * pairs * groups * i * j
+  return float(act), float(jac)
