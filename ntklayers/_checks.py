@@ -15,6 +15,10 @@ def _shapes(tree: Any) -> Any:
   return jax.tree.map(lambda a: tuple(np.shape(a)), tree)
 
 
+def _dtype(a: Any) -> Any:
+  return a.dtype if hasattr(a, "dtype") else np.result_type(a)
+
+
 def check_implementation(implementation: Any) -> None:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
@@ -69,7 +73,7 @@ def check_pair(x1: Any, x2: Any) -> None:
   if t1 != t2:
     raise ValueError(f"`x1` and `x2` have different structures: {t1} vs {t2}.")
   for a, b in zip(jax.tree.leaves(x1), jax.tree.leaves(x2)):
-    if np.shape(a)[1:] != np.shape(b)[1:] or np.result_type(a) != np.result_type(b):
+    if np.shape(a)[1:] != np.shape(b)[1:] or _dtype(a) != _dtype(b):
       raise ValueError(
           f"`x1` and `x2` must agree in every axis but the batch axis and in "
           f"dtype; got {_shapes(x1)} ({np.result_type(a)}) vs {_shapes(x2)} "
