@@ -76,8 +76,8 @@ def check_pair(x1: Any, x2: Any) -> None:
     if np.shape(a)[1:] != np.shape(b)[1:] or _dtype(a) != _dtype(b):
       raise ValueError(
           f"`x1` and `x2` must agree in every axis but the batch axis and in "
-          f"dtype; got {_shapes(x1)} ({np.result_type(a)}) vs {_shapes(x2)} "
-          f"({np.result_type(b)}).")
+          f"dtype; got {_shapes(x1)} ({_dtype(a)}) vs {_shapes(x2)} "
+          f"({_dtype(b)}).")
 
 
 def call_discover(discover, f, params, x):
