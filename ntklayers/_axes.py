@@ -87,8 +87,14 @@ class OutputSpec:
     return len(self.shape1)
 
   def letters(self) -> tuple[str, str, str]:
-    """Returns ``(side1, side2, result)`` einsum letters, one per output axis."""
-    s1, s2, res = [], [], []
+    """Returns ``(side1, side2, result)`` einsum letters, one per output axis.
+
+    ``result`` is the *working* layout used while blocks are accumulated: all
+    surviving side-1 axes, then the side-2 axes that are not diagonal (so that
+    ``g1 . g2`` is a plain matrix product with no transpose).
+    :meth:`finalize` permutes it to neural-tangents' interleaved layout.
+    """
+    s1, s2, r1, r2 = [], [], [], []
     pool = iter(_LETTERS)
     for axis in range(self.ndim):
       a = next(pool)
@@ -98,13 +104,26 @@ class OutputSpec:
       elif axis in self.diagonal_axes:
         s1.append(a)
         s2.append(a)
-        res.append(a)
+        r1.append(a)
       else:
         b = next(pool)
         s1.append(a)
         s2.append(b)
-        res.extend([a, b])
-    return "".join(s1), "".join(s2), "".join(res)
+        r1.append(a)
+        r2.append(b)
+    return "".join(s1), "".join(s2), "".join(r1 + r2)
+
+  def interleaved(self) -> str:
+    """Result letters in the final layout ``(N1, N2, A1, A2, ...)``."""
+    s1, s2, _ = self.letters()
+    res = []
+    for axis in range(self.ndim):
+      if axis in self.trace_axes:
+        continue
+      res.append(s1[axis])
+      if axis not in self.diagonal_axes:
+        res.append(s2[axis])
+    return "".join(res)
 
   @property
   def kernel_shape(self) -> tuple[int, ...]:
@@ -129,12 +148,16 @@ class OutputSpec:
     return pairs
 
   def finalize(self, kernel: jnp.ndarray) -> jnp.ndarray:
-    """Divides by the traced size (neural-tangents averages traced axes)."""
+    """Working layout -> final layout, divided by the traced size (averaged)."""
+    _, _, working = self.letters()
+    final = self.interleaved()
+    if working != final:
+      kernel = jnp.transpose(kernel, [working.index(c) for c in final])
     size = self.trace_size
     return kernel if size == 1 else kernel / size
 
 
 def contract_full(spec: OutputSpec, full: jnp.ndarray) -> jnp.ndarray:
-  """Reduces a full kernel ``[*shape1, *shape2]`` to the spec's layout."""
+  """Reduces a full kernel ``[*shape1, *shape2]`` to the working layout."""
   s1, s2, res = spec.letters()
-  return spec.finalize(jnp.einsum(f"{s1}{s2}->{res}", full))
+  return jnp.einsum(f"{s1}{s2}->{res}", full)

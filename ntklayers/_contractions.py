@@ -97,17 +97,22 @@ def affine_activation_kernel(spec: OutputSpec, x1: jnp.ndarray, g1: jnp.ndarray,
   x1, x1l = _batch_x(x1, g1.shape[0], s1[0], "tgi")
   x2, x2l = _batch_x(x2, g2.shape[0], s2[0], "sgi")
   gram_letters = "".join(dict.fromkeys(x1l[:-3] + x2l[:-3])) + "tsg"
-  if with_w:
-    gram = jnp.einsum(f"{x1l},{x2l}->{gram_letters}", x1, x2, precision=_HIGHEST)
-    if with_b:
-      gram = gram + 1
-  else:
-    gram = None
-  g1l, g2l = f"{s1}tgj", f"{s2}sgj"
-  if gram is None:  # bias only: sum over positions first
+  if not with_w:  # bias only: sum over positions first
     return jnp.einsum(f"{s1}gj,{s2}gj->{res}", g1.sum(axis=-3), g2.sum(axis=-3),
                       precision=_HIGHEST)
-  return jnp.einsum(f"{gram_letters},{g1l},{g2l}->{res}", gram, g1, g2,
+  if x1.shape[-3:-1] == (1, 1) and x2.shape[-3:-1] == (1, 1):
+    # No sharing axis and one group (dense layers): a plain matrix product of
+    # cotangents, scaled by the input Gram matrix.
+    gram_letters = gram_letters[:-3]
+    gram = jnp.einsum(f"{x1l[:-3]}i,{x2l[:-3]}i->{gram_letters}", x1[..., 0, 0, :],
+                      x2[..., 0, 0, :], precision=_HIGHEST)
+    gg = jnp.einsum(f"{s1}j,{s2}j->{res}", g1[..., 0, 0, :], g2[..., 0, 0, :],
+                    precision=_HIGHEST)
+    return jnp.einsum(f"{gram_letters},{res}->{res}", gram + 1 if with_b else gram, gg)
+  gram = jnp.einsum(f"{x1l},{x2l}->{gram_letters}", x1, x2, precision=_HIGHEST)
+  if with_b:
+    gram = gram + 1
+  return jnp.einsum(f"{gram_letters},{s1}tgj,{s2}sgj->{res}", gram, g1, g2,
                     precision=_HIGHEST, optimize="optimal")
 
 

@@ -101,16 +101,11 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
     if r.skip is None and structured:
       by_leaves.setdefault(tuple(sorted(i for _, i in r.leaves)), []).append(k)
   skipped_names = {r.name for r in records if r.skip is not None}
-  claimed: dict[int, tuple[int, ...]] = {}
-  for key in by_leaves:
-    for i in key:
-      claimed.setdefault(i, key)
   groups = []
   for key, calls in by_leaves.items():
     first = records[calls[0]]
     reason = None
-    if any(claimed[i] != key for i in key) or any(
-        set(key) & set(other) for other in by_leaves if other != key):
+    if any(set(key) & set(other) for other in by_leaves if other != key):
       reason = "its parameters are shared with another layer of different structure"
     elif any(records[c].name in skipped_names for c in calls):
       reason = "another call of the same module could not be captured"
@@ -137,7 +132,20 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
     if t and i not in owned:
       fb.setdefault(names[i], []).append(i)
   fallback = tuple(FallbackGroup(n, tuple(ix)) for n, ix in fb.items())
+  _check_coverage(groups, fallback, trainable, names)
   return Plan(tuple(records), tuple(groups), fallback, coupled)
+
+
+def _check_coverage(groups, fallback, trainable, names) -> None:
+  """Every trainable leaf is counted exactly once (a group or the fallback)."""
+  counted = [i for g in groups for i in g.leaves] + [i for g in fallback for i in g.leaves]
+  expected = [i for i, t in enumerate(trainable) if t]
+  if sorted(counted) != expected:
+    twice = sorted({names[i] for i in counted if counted.count(i) > 1})
+    missing = sorted({names[i] for i in set(expected) - set(counted)})
+    raise RuntimeError(
+        f"ntklayers coverage check failed: counted twice {twice}, missing "
+        f"{missing}. Please report this with the model.")
 
 
 def forward_flops(disc: Discovery, params: Any) -> float:
