@@ -64,26 +64,12 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
     >>> kernel_fn(params, jnp.ones((4, 3))).shape
     (4, 4, 2, 2)
   """
-  _checks.check_implementation(implementation)
-  trace_axes = _checks.check_axes(trace_axes, "trace_axes")
-  diagonal_axes = _checks.check_axes(diagonal_axes, "diagonal_axes")
-  if not isinstance(layerwise, bool):
-    raise TypeError(f"`layerwise` must be a bool, got {layerwise!r}.")
-  if independent_samples not in (None, True, False):
-    raise TypeError(f"`independent_samples` must be None or a bool, got "
-                    f"{independent_samples!r}.")
   if not callable(f):
     raise TypeError(f"`f` must be callable as f(params, x), got {type(f).__name__}.")
-
-  def kernel(params, x1, x2):
-    opts = dict(implementation=implementation, trainable=trainable,
-                independent_samples=independent_samples)
-    c1 = capture(f, params, x1, **opts)
-    c2 = None if x2 is None else capture(f, params, x2, **opts)
-    return contract(c1, c2, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-                    layerwise=layerwise)
-
-  jitted = jax.jit(kernel)
+  options = check_options(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                          implementation=implementation, layerwise=layerwise,
+                          trainable=trainable, independent_samples=independent_samples)
+  jitted = jax.jit(lambda params, x1, x2: kernel(f, params, x1, x2, **options))
 
   def kernel_fn(params: Any, x1: Any, x2: Any = None):
     _checks.check_pair(x1, x2)
@@ -91,6 +77,32 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
 
   kernel_fn.__doc__ = "kernel_fn(params, x1, x2=None) -> NTK; see ntklayers.ntk_fn."
   return kernel_fn
+
+
+def check_options(*, trace_axes, diagonal_axes, implementation, layerwise, trainable,
+                  independent_samples) -> dict[str, Any]:
+  """Validates the options of :func:`ntk_fn` eagerly; returns them normalized."""
+  _checks.check_implementation(implementation)
+  if not isinstance(layerwise, bool):
+    raise TypeError(f"`layerwise` must be a bool, got {layerwise!r}.")
+  if independent_samples not in (None, True, False):
+    raise TypeError(f"`independent_samples` must be None or a bool, got "
+                    f"{independent_samples!r}.")
+  return dict(trace_axes=_checks.check_axes(trace_axes, "trace_axes"),
+              diagonal_axes=_checks.check_axes(diagonal_axes, "diagonal_axes"),
+              implementation=implementation, layerwise=layerwise, trainable=trainable,
+              independent_samples=independent_samples)
+
+
+def kernel(f: Callable, params: Any, x1: Any, x2: Any, *, trace_axes, diagonal_axes,
+           implementation, layerwise, trainable, independent_samples):
+  """``contract(capture(x1), capture(x2))``: the body of every kernel function."""
+  opts = dict(implementation=implementation, trainable=trainable,
+              independent_samples=independent_samples)
+  c1 = capture(f, params, x1, **opts)
+  c2 = None if x2 is None else capture(f, params, x2, **opts)
+  return contract(c1, c2, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                  layerwise=layerwise)
 
 
 def ntk(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: Any = None,

@@ -59,6 +59,8 @@ def leaf_names(params: Any) -> list[str]:
   """Module-level names of the leaves: the leaf path without its last key."""
   names = []
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+      path = path[:-1]  # flax.nnx Variables flatten to their `.value`
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     names.append("/".join(parts[:-1]) if len(parts) > 1 else "/".join(parts) or "params")
   return names

@@ -67,23 +67,30 @@ def registered_kinds() -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
-  """``y = x @ w (+ b)`` on the last axis; leading axes after the batch share ``w``."""
+  """``y = x @ w (+ b)`` contracting the trailing ``in_axes`` axes of ``x`` into
+  the trailing ``out_axes`` axes of ``y``; the axes between the batch and the
+  features share ``w`` (sequence positions, heads of a ``DenseGeneral``, ...).
+  """
+
+  in_axes: int = 1
+  out_axes: int = 1
 
 
 def _dense_canonicalize(cfg: DenseConfig, x, g):
-  m, i = x.shape[0], x.shape[-1]
-  j = g.shape[-1]
+  m = x.shape[0]
+  i = math.prod(x.shape[x.ndim - cfg.in_axes:])
+  j = math.prod(g.shape[g.ndim - cfg.out_axes:])
   return x.reshape(m, -1, 1, i), g.reshape(g.shape[0], m, -1, 1, j)
 
 
 def _dense_unsupported(cfg: DenseConfig, x_shape) -> str | None:
-  if len(x_shape) < 2:
+  if len(x_shape) < cfg.in_axes + 1:
     return f"its input of shape {x_shape} has no batch axis"
   return None
 
 
 def _dense_flops(cfg, x_shape, y_shape) -> float:
-  return 2.0 * math.prod(x_shape[1:]) * y_shape[-1]
+  return 2.0 * math.prod(x_shape[1:]) * math.prod(y_shape[len(y_shape) - cfg.out_axes:])
 
 
 register_rule("dense", Rule("affine", ("w", "b"), _dense_canonicalize,

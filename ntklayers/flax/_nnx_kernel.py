@@ -1,0 +1,81 @@
+"""``ntklayers.flax.nnx.ntk_fn``: the NTK over the ``nnx.Param`` state of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from ntklayers import _api, _capture, _checks
+from ntklayers.flax._nnx_layers import MODULE_PATHS
+
+
+def _iter_modules(model: nnx.Module):
+  it = nnx.iter_modules if hasattr(nnx, "iter_modules") else type(model).iter_modules
+  for path, module in it(model):
+    yield "/".join(str(p) for p in path), module
+
+
+def _paths(model: nnx.Module) -> dict[int, str]:
+  return {id(m): path or type(m).__name__ for path, m in _iter_modules(model)}
+
+
+def _declare_batch_coupling(model: nnx.Module) -> None:
+  for path, m in _iter_modules(model):
+    if isinstance(m, nnx.BatchNorm) and m.use_running_average is not True:
+      _capture.declare_coupled(path)
+
+
+def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequence[int] = (),
+           implementation: str = "auto", layerwise: bool = False, trainable: Any = None,
+           independent_samples: bool | None = None):
+  """Returns ``kernel_fn(model, x1, x2=None)`` for ``flax.nnx`` models.
+
+  ``model`` is an ``nnx.Module``, or ``(graphdef, params, *other_states)`` from
+  ``nnx.split(model, nnx.Param, ...)``. Only ``nnx.Param`` state is
+  differentiated; ``BatchStat`` and other state is held fixed (a BatchNorm with
+  ``use_running_average=False``, i.e. after ``model.train()``, is detected as
+  making samples interact). Options and output layout are those of
+  :func:`ntklayers.ntk_fn`; ``layerwise`` names are attribute paths
+  (``"layers/0"``) and ``trainable`` masks are trees like the ``nnx.Param`` state.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from ntklayers.flax import nnx as ntk_nnx
+    >>> model = ntk_nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> ntk_nnx.ntk_fn()(model, jnp.ones((4, 3))).shape
+    (4, 4, 2, 2)
+  """
+  options = _api.check_options(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                               implementation=implementation, layerwise=layerwise,
+                               trainable=trainable, independent_samples=independent_samples)
+
+  def body(graphdef, params, rest, x1, x2):
+    def f(p, x):
+      model = nnx.merge(graphdef, p, *rest)
+      _declare_batch_coupling(model)
+      token = MODULE_PATHS.set(_paths(model))
+      try:
+        return model(x)
+      finally:
+        MODULE_PATHS.reset(token)
+    return _api.kernel(f, params, x1, x2, **options)
+
+  jitted = jax.jit(body, static_argnums=0)
+
+  def kernel_fn(model: Any, x1: Any, x2: Any = None):
+    if isinstance(model, nnx.Module):
+      graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    elif isinstance(model, tuple) and len(model) >= 2:
+      graphdef, params, *rest = model
+    else:
+      raise TypeError(
+          f"`model` must be an nnx.Module or (graphdef, params, *states) from "
+          f"nnx.split; got {type(model).__name__}.")
+    _checks.check_pair(x1, x2)
+    return jitted(graphdef, params, tuple(rest), x1, x2)
+
+  return kernel_fn
