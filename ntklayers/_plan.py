@@ -95,7 +95,7 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
         f"Exclude them with `trainable`.")
   records = list(disc.records)
   for r in records:
-    if r.skip is not None:
+    if r.skip is not None and structured:
       warn_once(r.name, r.skip)
   # Group captured calls by the exact set of leaves they read.
   by_leaves: dict[tuple[int, ...], list[int]] = {}
@@ -116,7 +116,8 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
     if reason is not None:
       for c in calls:
         records[c] = dataclasses.replace(records[c], skip=reason)
-      warn_once(first.name, reason)
+      if structured:
+        warn_once(first.name, reason)
       continue
     rule = get_rule(first.kind)
     roles = tuple(role for role in rule.roles for rl, i in first.leaves
