@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers import _checks
-from ntklayers._contract import contract
+from ntklayers._contract import all_finite, contract_unchecked, report_nonfinite
 from ntklayers._factors import capture
 
 KernelFn = Callable[..., "jax.Array | dict[str, jax.Array]"]
@@ -73,7 +73,7 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
 
   def kernel_fn(params: Any, x1: Any, x2: Any = None):
     _checks.check_pair(x1, x2)
-    return jitted(params, x1, x2)
+    return checked(*jitted(params, x1, x2))
 
   kernel_fn.__doc__ = "kernel_fn(params, x1, x2=None) -> NTK; see ntklayers.ntk_fn."
   return kernel_fn
@@ -94,15 +94,27 @@ def check_options(*, trace_axes, diagonal_axes, implementation, layerwise, train
               independent_samples=independent_samples)
 
 
+def checked(result, ok):
+  """Reports a non-finite kernel (see :func:`kernel`) and returns it."""
+  report_nonfinite(ok)
+  return result
+
+
 def kernel(f: Callable, params: Any, x1: Any, x2: Any, *, trace_axes, diagonal_axes,
            implementation, layerwise, trainable, independent_samples):
-  """``contract(capture(x1), capture(x2))``: the body of every kernel function."""
+  """``contract(capture(x1), capture(x2))``, the body of every kernel function.
+
+  Returns ``(kernel, all_finite)``; the flag is reported outside ``jit`` by
+  :func:`checked` (a host callback inside the compiled kernel would cost more
+  than the contraction of small models).
+  """
   opts = dict(implementation=implementation, trainable=trainable,
               independent_samples=independent_samples)
   c1 = capture(f, params, x1, **opts)
   c2 = None if x2 is None else capture(f, params, x2, **opts)
-  return contract(c1, c2, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-                  layerwise=layerwise)
+  result = contract_unchecked(c1, c2, trace_axes=trace_axes,
+                              diagonal_axes=diagonal_axes, layerwise=layerwise)
+  return result, all_finite(result)
 
 
 def ntk(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: Any = None,

@@ -52,6 +52,14 @@ def _warn_nonfinite(ok) -> None:
         RuntimeWarning, stacklevel=2)
 
 
+def report_nonfinite(ok: jax.Array) -> None:
+  """Warns if ``ok`` is false: at once when concrete, at run time under a trace."""
+  if isinstance(ok, jax.core.Tracer):
+    jax.debug.callback(_warn_nonfinite, ok)
+  else:
+    _warn_nonfinite(ok)
+
+
 def contract(cache1: Factors, cache2: Factors | None = None, *,
              trace_axes: int | Sequence[int] = (),
              diagonal_axes: int | Sequence[int] = (),
@@ -81,6 +89,17 @@ def contract(cache1: Factors, cache2: Factors | None = None, *,
     >>> ntklayers.contract(c1, c2, trace_axes=(-1,)).shape
     (3, 5)
   """
+  result = contract_unchecked(cache1, cache2, trace_axes=trace_axes,
+                              diagonal_axes=diagonal_axes, layerwise=layerwise)
+  report_nonfinite(all_finite(result))
+  return result
+
+
+def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
+             trace_axes: int | Sequence[int] = (),
+             diagonal_axes: int | Sequence[int] = (),
+             layerwise: bool = False) -> jax.Array | dict[str, jax.Array]:
+  """:func:`contract` without the NaN/inf report (the caller reports it)."""
   for name, c in (("cache1", cache1), ("cache2", cache2)):
     if c is not None and not isinstance(c, Factors):
       raise TypeError(f"`{name}` must come from ntklayers.capture, got {type(c).__name__}.")
@@ -130,6 +149,8 @@ def contract(cache1: Factors, cache2: Factors | None = None, *,
     raise ValueError(
         "No trainable parameters: every leaf of `params` is masked out by `trainable`.")
   blocks = {k: spec.finalize(v) for k, v in blocks.items()}
-  total = sum(blocks.values())
-  jax.debug.callback(_warn_nonfinite, jnp.all(jnp.isfinite(total)))
-  return blocks if layerwise else total
+  return blocks if layerwise else sum(blocks.values())
+
+
+def all_finite(result) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(result)]))

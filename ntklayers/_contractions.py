@@ -26,7 +26,10 @@ Two exact ways to contract an affine layer (paper, §3.4 and Eq. 9 / 13):
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+from jax import lax
 
 from ntklayers._axes import OutputSpec
 
@@ -54,8 +57,19 @@ def affine_jacobian(x: jnp.ndarray | None, g: jnp.ndarray, with_w: bool,
   n, o = g.shape[:2]
   parts = []
   if with_w:
-    xx, xl = _batch_x(x, n, "n", "tgi")
-    jw = jnp.einsum(f"{xl},notgj->nogij", xx, g, precision=_HIGHEST)
+    # One batched matrix product per example (and group): [O*J, T] @ [T, I].
+    _, _, t, groups, j = g.shape
+    gt = jnp.transpose(g, (0, 3, 1, 4, 2)).reshape(n, groups, o * j, t)
+    if x.shape[0] == n:
+      jw = lax.dot_general(gt, jnp.transpose(x, (0, 2, 1, 3)),
+                           (((3,), (2,)), ((0, 1), (0, 1))), precision=_HIGHEST)
+    else:  # one primal shared by every example (interacting samples)
+      jw = lax.dot_general(gt, jnp.transpose(x[0], (1, 0, 2)),
+                           (((3,), (1,)), ((1,), (0,))), precision=_HIGHEST)
+      jw = jnp.swapaxes(jw, 0, 1)
+    jw = jw.reshape(n, groups, o, -1)  # [N, G, O, J * I]
+    if groups > 1:
+      jw = jnp.swapaxes(jw, 1, 2)
     parts.append(jw.reshape(n, o, -1))
   if with_b:
     parts.append(g.sum(axis=2).reshape(n, o, -1))
@@ -75,12 +89,37 @@ def scale_jacobian(x: jnp.ndarray, g: jnp.ndarray, with_scale: bool,
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
-def jacobian_kernel(spec: OutputSpec, j1: jnp.ndarray, j2: jnp.ndarray) -> jnp.ndarray:
-  """``K = J1 . J2`` over parameters. ``j: [N, O, P]`` -> kernel layout of ``spec``."""
+def pair_product(spec: OutputSpec, a1: jnp.ndarray, a2: jnp.ndarray) -> jnp.ndarray:
+  """``sum_p a1[n, o.., p] a2[m, q.., p]`` in the working layout of ``spec``.
+
+  ``a: [N, O, P]`` (``O`` flattened). Without diagonal axes this is one matrix
+  product ``[N1*O1, P] @ [P, N2*O2]`` (traced output axes are moved next to
+  ``P`` and contracted with it); otherwise an ``einsum``.
+  """
   out_rest = spec.shape1[1:]
+  if not spec.diagonal_axes and 0 not in spec.trace_axes:
+    traced = [a for a in spec.trace_axes]
+    kept = [a for a in range(1, spec.ndim) if a not in traced]
+    perm = [0, *kept, *traced, spec.ndim]
+
+    def flat(a):
+      a = _unflatten(a, out_rest)
+      if perm != sorted(perm):
+        a = jnp.transpose(a, perm)
+      rows = a.shape[0] * math.prod(a.shape[1:1 + len(kept)])
+      return a.reshape(rows, -1)
+
+    k = lax.dot_general(flat(a1), flat(a2), (((1,), (1,)), ((), ())), precision=_HIGHEST)
+    kept_shape = tuple(spec.shape1[a] for a in kept)
+    return k.reshape((spec.shape1[0], *kept_shape, spec.shape2[0], *kept_shape))
   s1, s2, res = spec.letters()
-  return jnp.einsum(f"{s1}p,{s2}p->{res}", _unflatten(j1, out_rest),
-                    _unflatten(j2, out_rest), precision=_HIGHEST)
+  return jnp.einsum(f"{s1}p,{s2}p->{res}", _unflatten(a1, out_rest),
+                    _unflatten(a2, out_rest), precision=_HIGHEST)
+
+
+def jacobian_kernel(spec: OutputSpec, j1: jnp.ndarray, j2: jnp.ndarray) -> jnp.ndarray:
+  """``K = J1 . J2`` over parameters. ``j: [N, O, P]`` -> working layout of ``spec``."""
+  return pair_product(spec, j1, j2)
 
 
 # ------------------------------------------------------ activation space ---
@@ -106,8 +145,9 @@ def affine_activation_kernel(spec: OutputSpec, x1: jnp.ndarray, g1: jnp.ndarray,
     gram_letters = gram_letters[:-3]
     gram = jnp.einsum(f"{x1l[:-3]}i,{x2l[:-3]}i->{gram_letters}", x1[..., 0, 0, :],
                       x2[..., 0, 0, :], precision=_HIGHEST)
-    gg = jnp.einsum(f"{s1}j,{s2}j->{res}", g1[..., 0, 0, :], g2[..., 0, 0, :],
-                    precision=_HIGHEST)
+    n1, n2 = g1.shape[0], g2.shape[0]
+    gg = pair_product(spec, g1[..., 0, 0, :].reshape(n1, -1, g1.shape[-1]),
+                      g2[..., 0, 0, :].reshape(n2, -1, g2.shape[-1]))
     return jnp.einsum(f"{gram_letters},{res}->{res}", gram + 1 if with_b else gram, gg)
   gram = jnp.einsum(f"{x1l},{x2l}->{gram_letters}", x1, x2, precision=_HIGHEST)
   if with_b:

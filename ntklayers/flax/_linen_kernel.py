@@ -69,6 +69,6 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
     _checks.check_pair(x1, x2)
     rest = {k: v for k, v in variables.items() if k != "params"}
     dynamic, static = _split_kwargs(apply_kwargs)
-    return jitted(variables["params"], rest, x1, x2, dynamic, static)
+    return _api.checked(*jitted(variables["params"], rest, x1, x2, dynamic, static))
 
   return kernel_fn

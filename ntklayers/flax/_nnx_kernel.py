@@ -76,6 +76,6 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
           f"`model` must be an nnx.Module or (graphdef, params, *states) from "
           f"nnx.split; got {type(model).__name__}.")
     _checks.check_pair(x1, x2)
-    return jitted(graphdef, params, tuple(rest), x1, x2)
+    return _api.checked(*jitted(graphdef, params, tuple(rest), x1, x2))
 
   return kernel_fn
