@@ -62,6 +62,7 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
         return model(x)
       finally:
         MODULE_PATHS.reset(token)
+    f._ntk_trace_params = True  # NNX transforms check that Variables are traced here
     return _api.kernel(f, params, x1, x2, **options)
 
   jitted = jax.jit(body, static_argnums=0)
