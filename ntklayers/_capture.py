@@ -32,6 +32,9 @@ from ntklayers._rules import get_rule
 
 InterceptorFactory = Callable[[], ContextManager[Any]]
 
+# Skip reason of annotated layers without parameters (nothing to fall back).
+NO_PARAMS = "it owns no parameters"
+
 _INTERCEPTORS: list[InterceptorFactory] = []
 _SESSION: contextvars.ContextVar["_Session | None"] = contextvars.ContextVar(
     "ntklayers_session", default=None)
@@ -135,7 +138,7 @@ class _Session:
                 f"before use, e.g. by a custom getter or mixed precision)"), ()
       leaves.append((role, idx))
     if not leaves:
-      return "it owns no parameters", ()
+      return NO_PARAMS, ()
     return None, tuple(leaves)
 
   def tap(self, kind, config, name, params, primal, out, unsupported=None):

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from ntklayers import _jax_compat
-from ntklayers._capture import CallRecord, Discovery
+from ntklayers._capture import NO_PARAMS, CallRecord, Discovery
 from ntklayers._rules import get_rule
 
 _WARNED: set[tuple[str, str]] = set()
@@ -95,14 +95,14 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
         f"Exclude them with `trainable`.")
   records = list(disc.records)
   for r in records:
-    if r.skip is not None and structured:
+    if r.skip is not None and r.skip != NO_PARAMS and structured:
       warn_once(r.name, r.skip)
   # Group captured calls by the exact set of leaves they read.
   by_leaves: dict[tuple[int, ...], list[int]] = {}
   for k, r in enumerate(records):
     if r.skip is None and structured:
       by_leaves.setdefault(tuple(sorted(i for _, i in r.leaves)), []).append(k)
-  skipped_names = {r.name for r in records if r.skip is not None}
+  skipped_names = {r.name for r in records if r.skip not in (None, NO_PARAMS)}
   groups = []
   for key, calls in by_leaves.items():
     first = records[calls[0]]

@@ -9,8 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 import haiku as hk
+from haiku._src import base as _hk_base  # only for the custom-getter check below
 
 from ntklayers import _capture
+
+
+def _custom_getters_active() -> bool:
+  """Whether ``hk.custom_getter``s (or mixed precision) transform parameters.
+
+  Such getters change the values a layer uses after it read them from
+  ``params``, so its factors would pair with the wrong parameters. Haiku has no
+  public query for this; the getter stack is read directly.
+  """
+  return bool(getattr(_hk_base, "param_getter_stack", ()))
 
 
 def _is_false(value: Any) -> bool:
@@ -33,6 +44,8 @@ def interceptor(next_fun, args, kwargs, ctx: hk.MethodContext):
     return next_fun(*args, **kwargs)
   out = next_fun(*args, **kwargs)
   kind, config, primal, unsupported = describe(*args, **kwargs)
+  if _custom_getters_active():
+    unsupported = "its parameters pass through hk.custom_getter (e.g. mixed precision)"
   prefix = module.module_name + "/"
   params = {k[len(prefix):]: v for k, v in module.params_dict().items()
             if k.startswith(prefix) and "/" not in k[len(prefix):]}
