@@ -1,0 +1,309 @@
+"""Exactness of ntklayers' kernels against the independent reference (``reference.py``).
+
+Tolerance policy:
+
+* float64 (inputs and parameters): every implementation must match the
+  reference to ``rel_err <= 1e-10`` (``rel_err = max|K - K_ref| / max|K_ref|``).
+  ntklayers computes exactly the same quantity by a different contraction order,
+  so only float64 rounding separates the two.
+* float32: the kernel (in float32) is compared with the float64 reference of the
+  *same* parameters and inputs upcast to float64, to ``rel_err <= 1e-4``: a few
+  hundred ulps of float32 (2**-23 ~ 1.2e-7) accumulated over contractions of a few
+  hundred terms, with margin. This holds for well-conditioned models only:
+  ``batchnorm_train`` (batch statistics of 3 examples) is left out, since there
+  even the float32 *reference* is 1.6e-4 away from the float64 one.
+
+To keep the suite fast, every implementation is checked on every model for the
+plain kernel; the options (``layerwise``, ``trace_axes``, ``diagonal_axes``,
+``trainable``) are checked with ``implementation="auto"`` on every model, plus a
+few option x implementation spot checks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+import ntklayers
+from reference import (apply_axes, assert_rel_close, flat_jacobian, full_kernel,
+                       mask_columns, reference_ntk)
+
+IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
+TOL64 = 1e-10
+TOL32 = 1e-4
+
+# ------------------------------------------------------------ trainable ---
+
+
+def no_biases(params):
+  """Callable ``trainable`` mask: every leaf except Haiku biases named ``b``."""
+  return hk.data_structures.map(lambda module, name, value: name != "b", params)
+
+
+def excluded_module(name: str) -> str:
+  """The module frozen by the "exclude one layer" mask of model ``name``."""
+  params = models.build(name).params
+  return "shared" if "shared" in params else sorted(params)[0]
+
+
+def exclude_one_module(name: str):
+  """Prefix-tree ``trainable`` mask ``{module: bool}`` freezing one module."""
+  frozen = excluded_module(name)
+  return {m: m != frozen for m in models.build(name).params}
+
+
+MASKS = {
+    None: lambda name: None,
+    "no_biases": lambda name: no_biases,
+    "exclude_one": exclude_one_module,
+}
+
+
+def full_mask(params, trainable):
+  """Our own expansion of a ``trainable`` mask to one bool per leaf."""
+  if trainable is None:
+    return None
+  mask = trainable(params) if callable(trainable) else trainable
+  return {m: {n: bool(mask[m]) if isinstance(mask[m], bool) else bool(mask[m][n])
+              for n in params[m]} for m in params}
+
+
+def trainable_modules(params, trainable) -> set[str]:
+  mask = full_mask(params, trainable)
+  if mask is None:
+    return set(params)
+  return {m for m in params if any(mask[m].values())}
+
+
+# ------------------------------------------------------------ reference ---
+
+
+def batch_jacobians(model, f, params, x1, x2):
+  """Reference Jacobians ``(J(x1), J(x2))`` w.r.t. all leaves of ``params``.
+
+  For models whose examples are independent, both batches go through one
+  Jacobian of the concatenated batch (one compilation instead of two).
+  """
+  with models.expect_fallback_warning(model):
+    if model.coupled:
+      return flat_jacobian(f, params, x1), flat_jacobian(f, params, x2)
+    x12 = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
+    j = flat_jacobian(f, params, x12)
+  n1 = jax.tree.leaves(x1)[0].shape[0]
+  return j[:n1], j[n1:]
+
+
+@functools.lru_cache(maxsize=None)
+def jacobians(name: str):
+  """``batch_jacobians`` of model ``name`` in float64, cached per process; masked
+  references select columns of it (``mask_columns``)."""
+  built = models.build(name)
+  return batch_jacobians(models.BY_NAME[name], built.f, built.params, built.x1, built.x2)
+
+
+def reference(name: str, *, same: bool = False, trace_axes=(), diagonal_axes=(),
+              mask_kind: str | None = None) -> np.ndarray:
+  j1, j2 = jacobians(name)
+  built = models.build(name)
+  mask = full_mask(built.params, MASKS[mask_kind](name))
+  if mask is not None:
+    cols = mask_columns(built.params, mask)
+    j1, j2 = j1[..., cols], j2[..., cols]
+  full = full_kernel(j1, j1 if same else j2)
+  return apply_axes(full, j1.ndim - 1, trace_axes, diagonal_axes)
+
+
+def kernel(model, *, same: bool = False, dtype=jnp.float64, **options):
+  built = models.build(model.name, dtype)
+  with models.expect_fallback_warning(model):
+    fn = ntklayers.ntk_fn(built.f, **options)
+    return fn(built.params, built.x1, None if same else built.x2)
+
+
+ALL = models.model_params()
+RANK3 = models.model_params(models.RANK3)
+
+
+# -------------------------------------------------------- reference self-checks ---
+
+
+def test_reference_linear_model_closed_form():
+  """For ``f(x) = x @ w + b``: ``K[n1, n2, o1, o2] = (x1 . x2 + 1) delta(o1, o2)``."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.asarray(rng.normal(size=3))}
+  x1, x2 = jnp.asarray(rng.normal(size=(3, 4))), jnp.asarray(rng.normal(size=(2, 4)))
+  f = lambda p, x: x @ p["w"] + p["b"][None]
+  expected = np.einsum("ai,bi->ab", x1, x2)[:, :, None, None] + 1.0
+  expected = expected * np.eye(3)
+  np.testing.assert_allclose(reference_ntk(f, params, x1, x2), expected, rtol=1e-12)
+  np.testing.assert_allclose(reference_ntk(f, params, x1, x2, trace_axes=(-1,)),
+                             expected.trace(axis1=2, axis2=3) / 3, rtol=1e-12)
+  only_w = reference_ntk(f, params, x1, x2, mask={"w": True, "b": False})
+  np.testing.assert_allclose(only_w, expected - np.eye(3), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_axes_against_loops():
+  """``apply_axes`` against explicit loops on a random [2,3,4] x [2,3,4] kernel."""
+  rng = np.random.default_rng(1)
+  full = rng.normal(size=(2, 3, 4, 2, 3, 4))
+  # trace axis 2, diagonal axis 0, keep axis 1: [N, A1, A2]
+  out = apply_axes(full, 3, trace_axes=(-1,), diagonal_axes=(0,))
+  loops = np.zeros((2, 3, 3))
+  for n in range(2):
+    for a1 in range(3):
+      for a2 in range(3):
+        loops[n, a1, a2] = sum(full[n, a1, c, n, a2, c] for c in range(4)) / 4
+  np.testing.assert_allclose(out, loops, rtol=1e-12)
+  # no options: [N1, N2, A1, A2, C1, C2]
+  np.testing.assert_array_equal(apply_axes(full, 3),
+                                full.transpose(0, 3, 1, 4, 2, 5))
+  # diagonal on axis 1 only: [N1, N2, A, C1, C2]
+  out = apply_axes(full, 3, diagonal_axes=(1,))
+  assert out.shape == (2, 2, 3, 4, 4)
+  np.testing.assert_array_equal(out[1, 0, 2, 3, 1], full[1, 2, 3, 0, 2, 1])
+
+
+# ------------------------------------------------------------- plain kernel ---
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("model", ALL)
+def test_kernel_matches_reference(model, implementation):
+  k = kernel(model, implementation=implementation)
+  ref = reference(model.name)
+  assert k.shape == ref.shape
+  assert k.dtype == jnp.float64
+  assert_rel_close(k, ref, TOL64)
+
+
+# ----------------------------------------------------- options, "auto" only ---
+
+
+@pytest.mark.parametrize("model", ALL)
+def test_layerwise_sums_to_reference(model):
+  blocks = kernel(model, layerwise=True)
+  params = models.build(model.name).params
+  assert isinstance(blocks, dict)
+  assert set(blocks) == set(params), "layerwise keys must be the module names"
+  ref = reference(model.name)
+  for v in blocks.values():
+    assert v.shape == ref.shape
+  assert_rel_close(sum(blocks.values()), ref, TOL64)
+
+
+@pytest.mark.parametrize("model", ALL)
+def test_trace_last_axis(model):
+  k = kernel(model, trace_axes=(-1,))
+  ref = reference(model.name, trace_axes=(-1,))
+  assert k.shape == ref.shape
+  assert_rel_close(k, ref, TOL64)
+
+
+@pytest.mark.parametrize("model", ALL)
+def test_diagonal_batch_axis(model):
+  k = kernel(model, same=True, diagonal_axes=(0,))
+  ref = reference(model.name, same=True, diagonal_axes=(0,))
+  assert k.shape == ref.shape and k.shape[0] == models.N1
+  assert_rel_close(k, ref, TOL64)
+
+
+@pytest.mark.parametrize("model", ALL)
+def test_trainable_callable_without_biases(model):
+  k = kernel(model, trainable=no_biases)
+  ref = reference(model.name, mask_kind="no_biases")
+  assert_rel_close(k, ref, TOL64)
+
+
+@pytest.mark.parametrize("model", ALL)
+def test_trainable_prefix_tree_excluding_one_module(model):
+  trainable = exclude_one_module(model.name)
+  blocks = kernel(model, trainable=trainable, layerwise=True)
+  params = models.build(model.name).params
+  assert set(blocks) == trainable_modules(params, trainable)
+  assert excluded_module(model.name) not in blocks
+  ref = reference(model.name, mask_kind="exclude_one")
+  assert_rel_close(sum(blocks.values()), ref, TOL64)
+
+
+AXES_CASES = [
+    dict(trace_axes=(1,)),
+    dict(diagonal_axes=(1,)),
+    dict(diagonal_axes=(-1,), trace_axes=(1,)),
+    dict(trace_axes=(-1,), diagonal_axes=(0,), same=True),
+    dict(trace_axes=(0, 1), same=True),
+    dict(diagonal_axes=(0, 1, 2), same=True),
+]
+
+
+@pytest.mark.parametrize("case", AXES_CASES, ids=lambda c: "-".join(
+    f"{k}{v}" for k, v in sorted(c.items())).replace(" ", ""))
+@pytest.mark.parametrize("model", RANK3)
+def test_axes_rank3_outputs(model, case):
+  case = dict(case)
+  same = case.pop("same", False)
+  k = kernel(model, same=same, **case)
+  ref = reference(model.name, same=same, **case)
+  assert k.shape == ref.shape
+  assert_rel_close(k, ref, TOL64)
+
+
+# ----------------------------------------- option x implementation spot checks ---
+
+SPOT_MODELS = ["cross_attention_mask", "mlp_mixed_hk_linear", "batchnorm_train",
+               "scan_rnn", "weight_shared"]
+
+
+@pytest.mark.parametrize("implementation", ["structured", "ntk_vp", "jacobian"])
+@pytest.mark.parametrize("name", SPOT_MODELS)
+def test_spot_layerwise_trace_trainable(name, implementation):
+  """``layerwise`` + ``trace_axes`` + a callable ``trainable`` at once."""
+  model = models.BY_NAME[name]
+  blocks = kernel(model, implementation=implementation, layerwise=True,
+                  trace_axes=(-1,), trainable=no_biases)
+  params = models.build(name).params
+  assert set(blocks) == trainable_modules(params, no_biases)
+  ref = reference(name, trace_axes=(-1,), mask_kind="no_biases")
+  assert_rel_close(sum(blocks.values()), ref, TOL64)
+
+
+@pytest.mark.parametrize("implementation", ["structured", "ntk_vp", "jacobian"])
+@pytest.mark.parametrize("name", SPOT_MODELS)
+def test_spot_diagonal_batch_axis(name, implementation):
+  model = models.BY_NAME[name]
+  k = kernel(model, same=True, implementation=implementation, diagonal_axes=(0,))
+  ref = reference(name, same=True, diagonal_axes=(0,))
+  assert_rel_close(k, ref, TOL64)
+
+
+# ---------------------------------------------------------------- float32 ---
+
+FLOAT32_CASES = [("mlp_relu", "auto"), ("cnn2d", "auto"), ("cross_attention_mask", "auto"),
+                 ("embed_tokens", "auto"), ("layernorm_variants", "auto"),
+                 ("batchnorm_eval", "structured"), ("mlp_mixed_hk_linear", "ntk_vp"),
+                 ("conv1d_seq", "jacobian")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, implementation", FLOAT32_CASES)
+def test_float32_within_tolerance(name, implementation):
+  model = models.BY_NAME[name]
+  built32 = models.build(name, jnp.float32)
+  for leaf in jax.tree.leaves((built32.params, built32.x1)):
+    assert leaf.dtype in (jnp.float32, jnp.int64, jnp.int32), leaf.dtype
+  k = kernel(model, dtype=jnp.float32, implementation=implementation)
+  assert k.dtype == jnp.float32
+
+  def up(tree):
+    return jax.tree.map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+        tree)
+
+  j1, j2 = batch_jacobians(model, built32.f, up(built32.params), up(built32.x1),
+                           up(built32.x2))
+  assert_rel_close(k, apply_axes(full_kernel(j1, j2), j1.ndim - 1), TOL32)
