@@ -228,40 +228,28 @@ def discover(f: Callable, params: Any, x: Any) -> Discovery:
                    tuple(out.shape), out.dtype)
 
 
-def needs_traced_params(f: Callable) -> bool:
-  """Whether ``f`` declares that its params must be traced by the innermost
-  transform (``f._ntk_trace_params = True``; flax.nnx's trace-level checks)."""
-  return bool(getattr(f, "_ntk_trace_params", False))
-
-
 def capture_cotangents(f: Callable, params: Any, x: Any, plan: tuple[CallRecord, ...],
                        out_shape: tuple[int, ...], out_dtype: Any, coupled: bool):
   """Returns per-captured-call ``(primal, cotangent)`` pairs.
 
   Cotangents are ``[B, *y_shape]`` with ``B = O`` (one-hot output columns over
-  all examples at once) or, when samples interact, ``B = N * O``. With
-  :func:`needs_traced_params`, ``params`` are VJP inputs behind a
-  ``stop_gradient`` (traced at the innermost level, no weight gradients).
+  all examples at once) or, when samples interact, ``B = N * O``.
   """
   active = [r for r in plan if r.skip is None]
   perts = tuple(jnp.zeros(r.out[0], r.out[1]) for r in active)
   n = out_shape[0]
 
-  def fwd(perts, p=params):
+  def fwd(perts):
     session = _Session("capture", batch=n, plan=plan, perts=perts)
     with session.activate():
-      out = f(jax.tree.map(jax.lax.stop_gradient, p), x)
+      out = f(params, x)
     if session.counter != len(plan):
       raise RuntimeError(
           f"ntklayers: the model made {session.counter} annotated layer calls "
           f"during capture but {len(plan)} during discovery.")
     return out, tuple(session.primals)
 
-  if needs_traced_params(f):
-    _, vjp_full, primals = jax.vjp(fwd, perts, params, has_aux=True)
-    vjp_fn = lambda ct: vjp_full(ct)[:1]  # noqa: E731
-  else:
-    _, vjp_fn, primals = jax.vjp(fwd, perts, has_aux=True)
+  _, vjp_fn, primals = jax.vjp(fwd, perts, has_aux=True)
   o = 1
   for d in out_shape[1:]:
     o *= d

@@ -18,7 +18,6 @@ from ntklayers import _checks
 from ntklayers import _contractions as C
 from ntklayers._axes import OutputSpec
 from ntklayers._factors import Factors
-from ntklayers._capture import needs_traced_params
 from ntklayers._fallback import ntk_vp_kernel
 
 
@@ -145,8 +144,7 @@ def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
           ("fallback", tuple(i for g in fallback for i in g.leaves))]
       for name, leaves in parts:
         add(name, ntk_vp_kernel(spec, m1.f, cache1.params, cache1.inputs,
-                                cache2.params, cache2.inputs, leaves,
-                                needs_traced_params(m1.f)))
+                                cache2.params, cache2.inputs, leaves))
   if not blocks:
     raise ValueError(
         "No trainable parameters: every leaf of `params` is masked out by `trainable`.")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers import _checks
-from ntklayers._capture import capture_cotangents, discover, needs_traced_params
+from ntklayers._capture import capture_cotangents, discover
 from ntklayers._fallback import choose, jacobians
 from ntklayers._plan import Plan, forward_flops, make_plan, resolve_trainable
 from ntklayers._rules import get_rule
@@ -127,8 +127,7 @@ def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
         for g in plan.groups)
   fb_jac = ()
   if fb_leaves and method == "jacobian":
-    fb_jac = tuple(jacobians(f, params, x, fb_leaves, not coupled, n_out,
-                             needs_traced_params(f)))
+    fb_jac = tuple(jacobians(f, params, x, fb_leaves, not coupled, n_out))
   meta = CaptureMeta(f, plan, disc.out_shape, method, implementation)
   return Factors(layers, fb_jac, params, x, meta)
 

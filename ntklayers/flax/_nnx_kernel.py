@@ -55,14 +55,15 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
 
   def body(graphdef, params, rest, x1, x2):
     def f(p, x):
-      model = nnx.merge(graphdef, p, *rest)
+      # Fresh Variables, created at the current trace level (NNX checks it).
+      p, states = jax.tree.map(lambda a: a, (p, rest))
+      model = nnx.merge(graphdef, p, *states)
       _declare_batch_coupling(model)
       token = MODULE_PATHS.set(_paths(model))
       try:
         return model(x)
       finally:
         MODULE_PATHS.reset(token)
-    f._ntk_trace_params = True  # NNX transforms check that Variables are traced here
     return _api.kernel(f, params, x1, x2, **options)
 
   jitted = jax.jit(body, static_argnums=0)
