@@ -62,7 +62,7 @@ def leaf_names(params: Any) -> list[str]:
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
       path = path[:-1]  # flax.nnx Variables flatten to their `.value`
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    names.append("/".join(parts[:-1]) if len(parts) > 1 else "/".join(parts) or "params")
+    names.append("/".join(parts[:-1]))
   return names
 
 
@@ -127,16 +127,26 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
       for c in calls:
         records[c] = dataclasses.replace(records[c], skip="frozen by `trainable`")
       continue
-    call_names = dict.fromkeys(records[c].name for c in calls)
-    groups.append(Group("+".join(call_names), rule.op, roles, idx, tuple(calls)))
+    groups.append(Group(_group_name(records, calls, names, key), rule.op, roles, idx,
+                        tuple(calls)))
   owned = {i for g in groups for i in g.leaves}
   fb: dict[str, list[int]] = {}
   for i, t in enumerate(trainable):
     if t and i not in owned:
-      fb.setdefault(names[i], []).append(i)
+      fb.setdefault(names[i] or "params", []).append(i)
   fallback = tuple(FallbackGroup(n, tuple(ix)) for n, ix in fb.items())
   _check_coverage(groups, fallback, trainable, names)
   return Plan(tuple(records), tuple(groups), fallback, coupled)
+
+
+def _group_name(records, calls, names, leaves) -> str:
+  """The module path of the group's parameters (so names agree with fallback
+  groups and do not depend on how the framework names module objects); the
+  layers' own names when the parameters sit at the root of ``params``."""
+  owners = dict.fromkeys(names[i] for i in leaves)
+  if len(owners) == 1 and next(iter(owners)):
+    return next(iter(owners))
+  return "+".join(dict.fromkeys(records[c].name for c in calls))
 
 
 def _check_coverage(groups, fallback, trainable, names) -> None:
