@@ -30,7 +30,7 @@ time; ``rel err``: max |K - K_jacobian| / max |K_jacobian|.
 
 Usage::
 
-  python benchmarks/bench_ntk.py                       # all models (about 6 minutes on 2 CPU cores)
+  python benchmarks/bench_ntk.py                       # all models (about 5 minutes on 2 CPU cores)
   python benchmarks/bench_ntk.py --models mlp --repeats 20
   python benchmarks/bench_ntk.py --models mlp_linen,mlp_nnx   # + their Haiku twin mlp
   python benchmarks/bench_ntk.py --skip-jacobian      # no slow baseline (floor target only)

@@ -1,0 +1,374 @@
+"""Behaviour of the Flax entry points: no retracing, apply kwargs, names, errors.
+
+``ntklayers.flax.ntk_fn(module)(variables, x1, x2=None, **apply_kwargs)`` (linen)
+and ``ntklayers.flax.nnx.ntk_fn()(model, x1, x2=None)`` (NNX). Kernels are
+checked against ``reference.py`` in float64 (``rel_err <= 1e-10``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+import models_flax
+import ntklayers.flax
+from ntklayers.flax import linen as fl
+from ntklayers.flax import nnx as fx
+from reference import assert_rel_close, reference_ntk
+
+TOL64 = 1e-10
+F64 = jnp.float64
+FALLBACK_WARNING = r"handled by the exact generic fallback"
+
+
+def _inputs(x_shape=(5,)):
+  return models.make_inputs(x_shape, F64)
+
+
+# ------------------------------------------------------------- no retrace ---
+
+
+# Python executions of the models' ``__call__`` (i.e. traces), by model name.
+TRACES: dict[str, int] = {}
+
+
+def _trace(name: str) -> None:
+  TRACES[name] = TRACES.get(name, 0) + 1
+
+
+class CountingLinen(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    _trace("CountingLinen")
+    return fl.Dense(3, param_dtype=F64)(jnp.tanh(fl.Dense(8, param_dtype=F64)(x)))
+
+
+class CountingNnx(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.inp = fx.Linear(5, 8, param_dtype=F64, rngs=rngs)
+    self.out = fx.Linear(8, 3, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    _trace("CountingNnx")
+    return self.out(jnp.tanh(self.inp(x)))
+
+
+def test_linen_no_retrace_on_second_call_with_same_shapes():
+  module = CountingLinen()
+  x1, x2 = _inputs()
+  variables = models_flax.linen_variables(module, F64, x1)
+  kernel_fn = ntklayers.flax.ntk_fn(module)
+  before = TRACES.get("CountingLinen", 0)
+  k = kernel_fn(variables, x1, x2)
+  traces = TRACES["CountingLinen"]
+  assert traces > before
+  # Same shapes, other values (inputs and parameters): no new trace.
+  variables2 = jax.tree.map(lambda a: 2 * a, variables)
+  x1b, x2b = x1 + 1.0, x2 - 1.0
+  k2 = kernel_fn(variables2, x1b, x2b)
+  assert TRACES["CountingLinen"] == traces
+  assert not np.allclose(k, k2)
+  # The counter does count traces: another batch size retraces.
+  kernel_fn(variables, x1[:1], x2)
+  assert TRACES["CountingLinen"] > traces
+  f = lambda p, x: module.apply({"params": p}, x)
+  assert_rel_close(k2, reference_ntk(f, variables2["params"], x1b, x2b), TOL64)
+
+
+def test_nnx_no_retrace_on_second_call_with_same_shapes():
+  model = models_flax.nnx_model(CountingNnx, F64)
+  x1, x2 = _inputs()
+  kernel_fn = fx.ntk_fn()
+  before = TRACES.get("CountingNnx", 0)
+  k = kernel_fn(model, x1, x2)
+  traces = TRACES["CountingNnx"]
+  assert traces > before
+  # Updated parameter values (e.g. after a training step): no new trace.
+  for layer in (model.inp, model.out):
+    layer.kernel.set_value(2 * layer.kernel.get_value())
+  k2 = kernel_fn(model, x1 + 1.0, x2)
+  assert TRACES["CountingNnx"] == traces
+  assert not np.allclose(k, k2)
+  # The split form of the same model: no new trace either.
+  kernel_fn(nnx.split(model, nnx.Param, ...), x1, x2)
+  assert TRACES["CountingNnx"] == traces
+  kernel_fn(model, x1[:1], x2)
+  assert TRACES["CountingNnx"] > traces
+
+
+# ------------------------------------------------------------ apply kwargs ---
+
+
+class TrainFlag(nn.Module):
+  """Static ``train`` flag and array ``scale`` kwarg, both passed through ``apply``."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, scale=None):
+    _trace("TrainFlag")
+    h = fl.Dense(8, param_dtype=F64)(x)
+    h = jax.nn.relu(h) if train else jnp.tanh(h)
+    out = fl.Dense(3, param_dtype=F64)(h)
+    return out if scale is None else out * scale[None, :]
+
+
+def test_linen_apply_kwargs_pass_through():
+  module = TrainFlag()
+  x1, x2 = _inputs()
+  variables = models_flax.linen_variables(module, F64, x1)
+  params = variables["params"]
+  kernel_fn = ntklayers.flax.ntk_fn(module)
+
+  def ref(**kw):
+    return reference_ntk(lambda p, x: module.apply({"params": p}, x, **kw), params, x1, x2)
+
+  k_eval = kernel_fn(variables, x1, x2)
+  k_train = kernel_fn(variables, x1, x2, train=True)
+  assert_rel_close(k_eval, ref(), TOL64)
+  assert_rel_close(k_train, ref(train=True), TOL64)
+  assert not np.allclose(k_eval, k_train)
+  # An array kwarg is traced: new values, no new trace; the kernel scales by scale**2.
+  scale = jnp.asarray([1.0, 2.0, 3.0], F64)
+  k_scaled = kernel_fn(variables, x1, x2, train=True, scale=scale)
+  traces = TRACES["TrainFlag"]
+  k_scaled2 = kernel_fn(variables, x1, x2, train=True, scale=2 * scale)
+  assert TRACES["TrainFlag"] == traces
+  outer = np.asarray(scale)[:, None] * np.asarray(scale)[None, :]
+  np.testing.assert_allclose(k_scaled, np.asarray(k_train) * outer, rtol=1e-12)
+  np.testing.assert_allclose(k_scaled2, 4 * k_scaled, rtol=1e-12)
+
+
+def test_linen_method_kwarg():
+  class TwoHeads(nn.Module):
+    def setup(self):
+      self.body = fl.Dense(8, param_dtype=F64)
+      self.a = fl.Dense(3, param_dtype=F64)
+      self.b = fl.Dense(2, param_dtype=F64)
+
+    def __call__(self, x):
+      h = jnp.tanh(self.body(x))
+      return self.a(h) + jnp.sum(self.b(h), axis=-1, keepdims=True)
+
+    def head_b(self, x):
+      return self.b(jnp.tanh(self.body(x)))
+
+  module = TwoHeads()
+  x1, x2 = _inputs()
+  variables = models_flax.linen_variables(module, F64, x1)
+  blocks = ntklayers.flax.ntk_fn(module, method="head_b", layerwise=True)(variables, x1, x2)
+  # `a` is a parameter that head_b does not use: an exact zero block.
+  assert sorted(blocks) == ["a", "b", "body"]
+  np.testing.assert_array_equal(blocks["a"], 0.0)
+  f = lambda p, x: module.apply({"params": p}, x, method="head_b")
+  assert_rel_close(sum(blocks.values()), reference_ntk(f, variables["params"], x1, x2),
+                   TOL64)
+
+
+# ------------------------------------------------------- BatchNorm, train ---
+
+
+def test_nnx_batchnorm_train_mode_module_form():
+  """``model.train()`` passed as the module itself (the registry's
+  ``nnx_batchnorm_train`` passes the split form): exact, samples interact, and
+  the model's BatchStat state is left untouched.
+
+  Regression test: ntk_fn used to merge state traced by its outer ``jax.jit``
+  into the model run by the inner traces, and NNX's BatchNorm raised
+  ``TraceContextError`` when writing its batch statistics."""
+  built = models_flax.build("nnx_batchnorm_train")
+  model = built.extra["model"]
+  assert model.bn.use_running_average is False
+  stats = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  with models_flax.flax_promotion(True):
+    k = fx.ntk_fn()(model, built.x1, built.x2)
+    ref = reference_ntk(built.f, built.params, built.x1, built.x2)
+  assert_rel_close(k, ref, TOL64)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.BatchStat), stats)
+
+
+# ------------------------------------------------------------- layer names ---
+
+
+class LinenBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(fl.Dense(6, param_dtype=F64)(x))
+
+
+class LinenNested(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = LinenBlock()(x)
+    x = LinenBlock(name="named")(x)
+    return fl.Dense(2, param_dtype=F64)(x)
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, d_in, rngs):
+    self.lin = fx.Linear(d_in, 6, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.lin(x))
+
+
+class NnxNested(nnx.Module):
+  def __init__(self, rngs):
+    self.blocks = nnx.List([NnxBlock(5, rngs), NnxBlock(6, rngs)])
+    self.head = fx.Linear(6, 2, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    for b in self.blocks:
+      x = b(x)
+    return self.head(x)
+
+
+def test_layerwise_names_of_nested_modules():
+  x1, x2 = _inputs()
+  module = LinenNested()
+  variables = models_flax.linen_variables(module, F64, x1)
+  blocks = ntklayers.flax.ntk_fn(module, layerwise=True)(variables, x1, x2)
+  assert sorted(blocks) == ["Dense_0", "LinenBlock_0/Dense_0", "named/Dense_0"]
+  f = lambda p, x: module.apply({"params": p}, x)
+  assert_rel_close(sum(blocks.values()), reference_ntk(f, variables["params"], x1, x2),
+                   TOL64)
+
+  model = models_flax.nnx_model(NnxNested, F64)
+  blocks = fx.ntk_fn(layerwise=True)(model, x1, x2)
+  assert sorted(blocks) == ["blocks/0/lin", "blocks/1/lin", "head"]
+  graphdef, params = nnx.split(model, nnx.Param)
+  f = lambda p, x: nnx.merge(graphdef, p)(x)
+  assert_rel_close(sum(blocks.values()), reference_ntk(f, params, x1, x2), TOL64)
+
+
+# ------------------------------------------------- LayerNorm axes variants ---
+
+
+class LinenNorms(nn.Module):
+  """[N, T=4, C=6]: LayerNorm over (T, C) with per-(T, C) parameters, scale-only."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = fl.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1), param_dtype=F64)(x)
+    x = jnp.tanh(fl.Dense(6, param_dtype=F64)(x))
+    x = fl.LayerNorm(use_bias=False, param_dtype=F64)(x)
+    return fl.Dense(2, param_dtype=F64)(x).mean(axis=1)
+
+
+class NnxNorms(nnx.Module):
+  def __init__(self, rngs):
+    kw = dict(param_dtype=F64, rngs=rngs)
+    # NNX keeps the parameters of several feature axes flat: [4 * 6].
+    self.ln1 = fx.LayerNorm(24, reduction_axes=(-2, -1), feature_axes=(-2, -1), **kw)
+    self.lin = fx.Linear(6, 6, **kw)
+    self.ln2 = fx.LayerNorm(6, use_scale=False, **kw)
+    self.head = fx.Linear(6, 2, **kw)
+
+  def __call__(self, x):
+    x = jnp.tanh(self.lin(self.ln1(x)))
+    return self.head(self.ln2(x)).mean(axis=1)
+
+
+@pytest.mark.slow
+def test_linen_layer_norm_axes_variants_exact():
+  x1, x2 = _inputs((4, 6))
+  with models_flax.flax_promotion(True):  # Flax norms promote with float32 (see models_flax)
+    module = LinenNorms()
+    variables = models_flax.linen_variables(module, F64, x1)
+    blocks = ntklayers.flax.ntk_fn(module, layerwise=True)(variables, x1, x2)
+    assert sorted(blocks) == ["Dense_0", "Dense_1", "LayerNorm_0", "LayerNorm_1"]
+    f = lambda p, x: module.apply({"params": p}, x)
+    assert_rel_close(sum(blocks.values()),
+                     reference_ntk(f, variables["params"], x1, x2), TOL64)
+
+
+def test_nnx_layer_norm_axes_variants_exact():
+  """Includes NNX's flat ``[4 * 6]`` scale/bias of a LayerNorm over two feature axes."""
+  x1, x2 = _inputs((4, 6))
+  with models_flax.flax_promotion(True):
+    model = models_flax.nnx_model(NnxNorms, F64)
+    assert model.ln1.scale.shape == (24,)
+    blocks = fx.ntk_fn(layerwise=True)(model, x1, x2)
+    assert sorted(blocks) == ["head", "lin", "ln1", "ln2"]
+    graphdef, params = nnx.split(model, nnx.Param)
+    f = lambda p, x: nnx.merge(graphdef, p)(x)
+    assert_rel_close(sum(blocks.values()), reference_ntk(f, params, x1, x2), TOL64)
+
+
+# -------------------------------------------------------- fallback warning ---
+
+
+def test_masked_conv_falls_back_with_warning_and_is_exact():
+  class MaskedConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      mask = jnp.asarray(np.broadcast_to(np.tril(np.ones((3, 3)))[:, :, None, None],
+                                         (3, 3, 2, 2)), F64)
+      x = jnp.tanh(fl.Conv(2, (3, 3), mask=mask, param_dtype=F64, name="masked")(x))
+      return fl.Dense(2, param_dtype=F64)(x.reshape(x.shape[0], -1))
+
+  module = MaskedConv()
+  x1, x2 = _inputs((4, 4, 2))
+  variables = models_flax.linen_variables(module, F64, x1)
+  with pytest.warns(UserWarning, match=FALLBACK_WARNING):
+    k = ntklayers.flax.ntk_fn(module, implementation="structured")(variables, x1, x2)
+  f = lambda p, x: module.apply({"params": p}, x)
+  assert_rel_close(k, reference_ntk(f, variables["params"], x1, x2), TOL64)
+
+
+# ------------------------------------------------------------------ errors ---
+
+
+def test_linen_variables_without_params():
+  built = models_flax.build("linen_mlp")
+  kernel_fn = ntklayers.flax.ntk_fn(built.extra["module"])
+  with pytest.raises(ValueError, match="`variables`.*'params'"):
+    kernel_fn(built.params, built.x1)  # the params tree itself, not {"params": ...}
+  with pytest.raises(ValueError, match="`variables`"):
+    kernel_fn({"batch_stats": {}}, built.x1)
+  with pytest.raises(ValueError, match="`variables`"):
+    kernel_fn([built.params], built.x1)
+
+
+def test_linen_module_not_a_module():
+  with pytest.raises(TypeError, match="`module`"):
+    ntklayers.flax.ntk_fn(lambda p, x: x)
+  with pytest.raises(TypeError, match="`module`"):
+    ntklayers.flax.ntk_fn(models_flax.build("nnx_mlp").extra["model"])
+
+
+@pytest.mark.parametrize("bad", ["model", None, (1,)], ids=["str", "none", "1-tuple"])
+def test_nnx_kernel_fn_non_module(bad):
+  x1, _ = _inputs()
+  with pytest.raises(TypeError, match="`model`"):
+    fx.ntk_fn()(bad, x1)
+
+
+def test_nnx_kernel_fn_linen_module_is_rejected():
+  built = models_flax.build("linen_mlp")
+  with pytest.raises(TypeError, match="`model`"):
+    fx.ntk_fn()(built.extra["module"], built.x1)
+
+
+def test_flax_options_validated_eagerly():
+  module = models_flax.LinenMLP(F64)
+  with pytest.raises(ValueError, match="`implementation`"):
+    ntklayers.flax.ntk_fn(module, implementation="fast")
+  with pytest.raises(TypeError, match="`trace_axes`"):
+    fx.ntk_fn(trace_axes="last")
+  with pytest.raises(TypeError, match="`layerwise`"):
+    fx.ntk_fn(layerwise=1)
+
+
+def test_flax_x1_x2_mismatch():
+  built = models_flax.build("nnx_mlp")
+  with pytest.raises(ValueError, match="`x1` and `x2`"):
+    built.ntk_fn()(built.x1, built.x2[:, :4])
+  built = models_flax.build("linen_mlp")
+  with pytest.raises(ValueError, match="`x1` and `x2`"):
+    built.ntk_fn()(built.x1, built.x2.astype(jnp.float32))

@@ -1,0 +1,220 @@
+"""Exactness of the Flax entry points (linen and NNX) against the independent reference.
+
+Every model of ``models_flax.FLAX_MODELS`` is run through its Flax entry point
+(``ntklayers.flax.ntk_fn(module)(variables, x1, x2, **apply_kwargs)`` or
+``ntklayers.flax.nnx.ntk_fn()(model, x1, x2)``) and compared with
+``reference.py`` (``jax.jacrev`` of the same ``f(params, x)`` and NumPy).
+
+Tolerance policy (as in ``test_exactness.py``):
+
+* float64: every implementation matches the reference to ``rel_err <= 1e-10``
+  (``rel_err = max|K - K_ref| / max|K_ref|``); only float64 rounding separates
+  the two contraction orders (observed: <= 1e-15).
+* float32: the float32 kernel is compared with the float64 reference of the
+  *same* parameters and inputs upcast to float64, to ``rel_err <= 1e-4`` (a few
+  hundred float32 ulps accumulated over contractions of a few hundred terms).
+
+Cost: compilation dominates (each kernel is one program). Every implementation is
+checked on the plain kernel; options (``layerwise``, ``trace_axes``,
+``diagonal_axes``, ``trainable``) use ``implementation="auto"``; the heaviest
+combinations are ``@pytest.mark.slow`` (see ``FAST_OPTIONS``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models_flax
+from reference import (apply_axes, assert_rel_close, flat_jacobian, full_kernel,
+                       mask_columns)
+
+IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
+TOL64 = 1e-10
+TOL32 = 1e-4
+
+# Library bugs: {model name: reason}, run as strict xfails so that a fix is noticed.
+# (Empty: "nnx_batchnorm_train" failed with flax's TraceContextError until
+# ntklayers/flax/_nnx_kernel.py created the merged model's Variables inside `f`.)
+KNOWN_BUGS: dict[str, str] = {}
+
+# What runs by default (compilation of the attention and conv models costs
+# seconds each on CPU); everything else is @pytest.mark.slow:
+# * plain kernel: every implementation on the models whose fallback differs
+#   (plain modules, embeddings, samples that interact) and on the MLPs; "auto"
+#   on the CNNs and BatchNorm in eval mode; the transformers' plain kernel is
+#   slow-marked (their "auto" kernel is still checked by default through the
+#   sum of test_layerwise_keys_and_sum);
+# * layerwise: every model (its keys are the Flax-specific part);
+# * trace/diagonal/trainable: one model per Flax feature: linen apply kwargs +
+#   mutable + samples that interact (linen_batchnorm_train), integer tokens
+#   (linen_embed), plain NNX modules (nnx_mixed_plain), the (graphdef, params,
+#   *states) form with BatchStat state (nnx_batchnorm_eval).
+TRANSFORMERS = {"linen_transformer", "nnx_transformer"}
+AUTO_ONLY = {"linen_cnn", "nnx_cnn", "linen_batchnorm_eval", "nnx_batchnorm_eval"}
+FAST_OPTIONS = {"linen_batchnorm_train", "linen_embed", "nnx_mixed_plain",
+                "nnx_batchnorm_eval"}
+
+
+def _params(models=models_flax.FLAX_MODELS, slow=lambda m: m.slow):
+  out = []
+  for m in models:
+    marks = [pytest.mark.slow] if slow(m) else []
+    if m.name in KNOWN_BUGS:
+      marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[m.name]))
+    out.append(pytest.param(m, id=m.name, marks=marks))
+  return out
+
+
+ALL = _params()
+OPTIONS = _params(slow=lambda m: m.slow or m.name not in FAST_OPTIONS)
+
+
+def _impl_params():
+  out = []
+  for impl in IMPLEMENTATIONS:
+    for p in _params(slow=lambda m, impl=impl: m.slow or m.name in TRANSFORMERS or (
+        impl != "auto" and m.name in AUTO_ONLY)):
+      (m,) = p.values
+      out.append(pytest.param(m, impl, id=f"{m.name}-{impl}", marks=p.marks))
+  return out
+
+
+# ------------------------------------------------------------ trainable ---
+
+
+def _is_bias(path) -> bool:
+  return any(isinstance(k, jax.tree_util.DictKey) and k.key == "bias" for k in path)
+
+
+def no_biases(params):
+  """Callable ``trainable`` mask (linen dicts and ``nnx.State`` alike): no ``bias``."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: not _is_bias(path), params)
+
+
+# ------------------------------------------------------------ reference ---
+
+
+@functools.lru_cache(maxsize=None)
+def jacobians(name: str):
+  """Reference Jacobians ``(J(x1), J(x2))`` (all leaves) of model ``name`` in float64.
+
+  Independent examples go through one Jacobian of the concatenated batch."""
+  model, built = models_flax.BY_NAME[name], models_flax.build(name)
+  if model.coupled:
+    return (flat_jacobian(built.f, built.params, built.x1),
+            flat_jacobian(built.f, built.params, built.x2))
+  x12 = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), built.x1, built.x2)
+  j = flat_jacobian(built.f, built.params, x12)
+  return j[:models_flax.models.N1], j[models_flax.models.N1:]
+
+
+def reference(name: str, *, same: bool = False, trace_axes=(), diagonal_axes=(),
+              mask=None) -> np.ndarray:
+  j1, j2 = jacobians(name)
+  if mask is not None:
+    cols = mask_columns(models_flax.build(name).params, mask)
+    j1, j2 = j1[..., cols], j2[..., cols]
+  full = full_kernel(j1, j1 if same else j2)
+  return apply_axes(full, j1.ndim - 1, trace_axes, diagonal_axes)
+
+
+def kernel(name: str, *, same: bool = False, dtype=jnp.float64, **options):
+  built = models_flax.build(name, dtype)
+  return built.ntk_fn(**options)(built.x1, None if same else built.x2)
+
+
+# ----------------------------------------------------------------- tests ---
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.name)
+                                   for m in models_flax.FLAX_MODELS])
+def test_descriptor_builds_float64(model):
+  """``param_dtype=dtype`` reached every parameter (linen/NNX default to float32)."""
+  built = models_flax.build(model.name)
+  assert built.framework == model.framework == model.name.split("_")[0]
+  assert isinstance(built, models_flax.models.Built) and len(built) == 4
+  for leaf in jax.tree.leaves(built.params):
+    assert leaf.dtype == jnp.float64, (model.name, leaf.dtype)
+  for x in (built.x1, built.x2):
+    assert x.dtype == (jnp.int32 if model.int_inputs else jnp.float64)
+  assert built.x1.shape == (models_flax.models.N1, *model.x_shape)
+  assert built.x2.shape == (models_flax.models.N2, *model.x_shape)
+  assert jax.eval_shape(built.f, built.params, built.x1).ndim == model.out_rank
+
+
+@pytest.mark.parametrize("model, implementation", _impl_params())
+def test_kernel_matches_reference(model, implementation):
+  k = kernel(model.name, implementation=implementation)
+  ref = reference(model.name)
+  assert k.shape == ref.shape
+  assert k.dtype == jnp.float64
+  assert_rel_close(k, ref, TOL64)
+
+
+@pytest.mark.parametrize("model", ALL)
+def test_layerwise_keys_and_sum(model):
+  """Keys are the Flax module paths (linen ``Dense_0``, ``.../query``; NNX
+  ``layers/0``, ``att/query``), plain modules included; values sum to the kernel."""
+  blocks = kernel(model.name, layerwise=True)
+  built = models_flax.build(model.name)
+  assert isinstance(blocks, dict)
+  assert sorted(blocks) == sorted(built.layer_names)
+  ref = reference(model.name)
+  for v in blocks.values():
+    assert v.shape == ref.shape
+  assert_rel_close(sum(blocks.values()), ref, TOL64)
+
+
+@pytest.mark.parametrize("model", OPTIONS)
+def test_trace_last_axis(model):
+  k = kernel(model.name, trace_axes=(-1,))
+  ref = reference(model.name, trace_axes=(-1,))
+  assert k.shape == ref.shape
+  assert_rel_close(k, ref, TOL64)
+
+
+@pytest.mark.parametrize("model", OPTIONS)
+def test_diagonal_batch_axis(model):
+  k = kernel(model.name, same=True, diagonal_axes=(0,))
+  ref = reference(model.name, same=True, diagonal_axes=(0,))
+  assert k.shape == ref.shape and k.shape[0] == models_flax.models.N1
+  assert_rel_close(k, ref, TOL64)
+
+
+@pytest.mark.parametrize("model", OPTIONS)
+def test_trainable_callable_without_biases(model):
+  params = models_flax.build(model.name).params
+  mask = no_biases(params)
+  n_frozen = sum(not m for m in jax.tree.leaves(mask))
+  assert 0 < n_frozen < len(jax.tree.leaves(params))
+  k = kernel(model.name, trainable=no_biases)
+  assert_rel_close(k, reference(model.name, mask=mask), TOL64)
+
+
+FLOAT32_CASES = [("linen_mlp", "auto"), ("nnx_mlp", "structured"),
+                 pytest.param("linen_cnn", "auto", marks=pytest.mark.slow),
+                 pytest.param("nnx_transformer", "auto", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name, implementation", FLOAT32_CASES)
+def test_float32_within_tolerance(name, implementation):
+  built32 = models_flax.build(name, jnp.float32)
+  for leaf in jax.tree.leaves((built32.params, built32.x1)):
+    assert leaf.dtype == jnp.float32, leaf.dtype
+  k = kernel(name, dtype=jnp.float32, implementation=implementation)
+  assert k.dtype == jnp.float32
+
+  def up(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+
+  j1 = flat_jacobian(built32.f, up(built32.params), up(built32.x1))
+  j2 = flat_jacobian(built32.f, up(built32.params), up(built32.x2))
+  ref = apply_axes(full_kernel(j1, j2), j1.ndim - 1)
+  assert_rel_close(k, ref, TOL32)
+  # Not vacuous: float32 really differs from float64 (here ~1e-7).
+  assert np.max(np.abs(np.asarray(k, np.float64) - ref)) > 0
