@@ -364,3 +364,10 @@ def expect_fallback_warning(model: ModelDescriptor):
       warnings.filterwarnings("ignore", message=r".*handled by the exact generic fallback",
                               category=UserWarning)
     yield
+
+
+def registry() -> tuple[ModelDescriptor, ...]:
+  """The whole shared registry: the Haiku models above and the linen/NNX models of
+  ``models_flax`` (which extends :class:`ModelDescriptor` with Flax entry points)."""
+  import models_flax  # pylint: disable=g-import-not-at-top  (it imports this module)
+  return MODELS + tuple(models_flax.FLAX_MODELS)
