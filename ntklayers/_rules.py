@@ -22,6 +22,9 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
+# What an adapter reports for one layer call: (kind, config, primal, reason-if-unsupported).
+Description = tuple[str, Any, jnp.ndarray, "str | None"]
+
 Canonicalize = Callable[[Any, jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
 
 
@@ -56,10 +59,6 @@ def register_rule(kind: str, rule: Rule) -> None:
 
 def get_rule(kind: str) -> Rule | None:
   return _REGISTRY.get(kind)
-
-
-def registered_kinds() -> tuple[str, ...]:
-  return tuple(sorted(_REGISTRY))
 
 
 # ----------------------------------------------------------------- dense ---

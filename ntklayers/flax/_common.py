@@ -14,9 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntklayers._rules import ConvConfig, DenseConfig, ScaleConfig, normalize_axes
-
-Description = tuple[str, Any, jax.Array, "str | None"]
+from ntklayers._rules import ConvConfig, DenseConfig, Description, ScaleConfig, normalize_axes
 
 
 def _tuple(x: Any) -> tuple:

@@ -15,10 +15,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from ntklayers._rules import ConvConfig, DenseConfig, ScaleConfig, normalize_axes
-
-# (kind, config, primal, reason-if-unsupported)
-Description = tuple[str, Any, jax.Array, "str | None"]
+from ntklayers._rules import ConvConfig, DenseConfig, Description, ScaleConfig, normalize_axes
 
 
 class Linear(hk.Linear):
