@@ -16,6 +16,7 @@ from flax import nnx
 
 import models
 import models_flax
+import ntklayers
 import ntklayers.flax
 from ntklayers.flax import linen as fl
 from ntklayers.flax import nnx as fx
@@ -28,6 +29,34 @@ FALLBACK_WARNING = r"handled by the exact generic fallback"
 
 def _inputs(x_shape=(5,)):
   return models.make_inputs(x_shape, F64)
+
+
+# ------------------------------------------------ structured vs fallback ---
+
+# Parameters of plain (not annotated) Flax modules, by model: exact fallback.
+PLAIN = {
+    "linen_mixed_plain": {"Dense_1", "LayerNorm_0"},
+    "linen_batchnorm_eval": {"BatchNorm_0"}, "linen_batchnorm_train": {"BatchNorm_0"},
+    "linen_embed": {"Embed_0"},
+    "nnx_mixed_plain": {"plain", "plain_ln"},
+    "nnx_batchnorm_eval": {"bn"}, "nnx_batchnorm_train": {"bn"},
+    "nnx_embed": {"embed"},
+}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.name)
+                                   for m in models_flax.FLAX_MODELS])
+def test_drop_ins_are_structured_plain_modules_fall_back(model):
+  """Every drop-in is captured from factors (no silent fallback: the kernel would
+  still be exact, so the exactness tests cannot tell); plain modules are not.
+  Checked on the capture's static plan, under ``jax.eval_shape`` (no compilation)."""
+  built = models_flax.build(model.name)
+  with models_flax.flax_promotion(built.extra["standard"]):
+    cache = jax.eval_shape(lambda p, x: ntklayers.capture(built.f, p, x),
+                           built.params, built.x1)
+  plain = PLAIN.get(model.name, set())
+  assert plain <= set(built.layer_names)
+  assert sorted(cache.layer_names) == sorted(set(built.layer_names) - plain)
 
 
 # ------------------------------------------------------------- no retrace ---
