@@ -8,7 +8,7 @@ matrix, and compares time and values against the generic whole-model
 
 Run::
 
-  pip install -e '.[examples,flax]'
+  pip install -e '.[examples]'
   python examples/quickstart_flax.py             # about 40-60 s on 2 CPU cores
   python examples/quickstart_flax.py --n 512 --n-compare 32
 """

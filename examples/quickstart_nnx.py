@@ -8,7 +8,7 @@ whole-model ``implementation="jacobian"``. The same job as ``quickstart_haiku.py
 
 Run::
 
-  pip install -e '.[examples,flax]'
+  pip install -e '.[examples]'
   python examples/quickstart_nnx.py              # about 40-60 s on 2 CPU cores
   python examples/quickstart_nnx.py --n 512 --n-compare 32
 """
