@@ -21,24 +21,28 @@ from ntklayers._factors import Factors
 from ntklayers._fallback import ntk_vp_kernel
 
 
-def _sum_jac(fn, calls, roles):
-  if fn is C.affine_jacobian:
-    return sum(fn(x, g, "w" in roles, "b" in roles) for x, g in calls)
-  return sum(fn(x, g, "scale" in roles, "offset" in roles) for x, g in calls)
+# Per-example Jacobian of each canonical op, and its (weight, offset) roles.
+_JACOBIANS = {"affine": (C.affine_jacobian, ("w", "b")),
+              "scale": (C.scale_jacobian, ("scale", "offset"))}
+
+
+def _sum_jac(op, calls, roles):
+  """``sum_calls J`` (weight sharing: Jacobians of all calls add up)."""
+  fn, (weight, offset) = _JACOBIANS[op]
+  return sum(fn(x, g, weight in roles, offset in roles) for x, g in calls)
 
 
 def _group_kernel(spec: OutputSpec, group, calls1, calls2, same: bool) -> jax.Array:
-  if group.op == "scale":
-    j1 = _sum_jac(C.scale_jacobian, calls1, group.roles)
-    j2 = j1 if same else _sum_jac(C.scale_jacobian, calls2, group.roles)
-    return C.jacobian_kernel(spec, j1, j2)
   with_w, with_b = "w" in group.roles, "b" in group.roles
-  shapes1 = [(x.shape, g.shape) for x, g in calls1]
-  shapes2 = [(x.shape, g.shape) for x, g in calls2]
-  act, jac = C.affine_costs(spec, shapes1, shapes2, same)
-  if not with_w or jac < act:
-    j1 = _sum_jac(C.affine_jacobian, calls1, group.roles)
-    j2 = j1 if same else _sum_jac(C.affine_jacobian, calls2, group.roles)
+  use_jacobians = group.op == "scale" or not with_w
+  if not use_jacobians:
+    shapes1 = [(x.shape, g.shape) for x, g in calls1]
+    shapes2 = [(x.shape, g.shape) for x, g in calls2]
+    act, jac = C.affine_costs(spec, shapes1, shapes2, same)
+    use_jacobians = jac < act
+  if use_jacobians:
+    j1 = _sum_jac(group.op, calls1, group.roles)
+    j2 = j1 if same else _sum_jac(group.op, calls2, group.roles)
     return C.jacobian_kernel(spec, j1, j2)
   return sum(C.affine_activation_kernel(spec, x1, g1, x2, g2, with_w, with_b)
              for x1, g1 in calls1 for x2, g2 in calls2)

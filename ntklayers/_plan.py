@@ -116,8 +116,7 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
     if reason is not None:
       for c in calls:
         records[c] = dataclasses.replace(records[c], skip=reason)
-      if structured:
-        warn_once(first.name, reason)
+      warn_once(first.name, reason)
       continue
     rule = get_rule(first.kind)
     roles = tuple(role for role in rule.roles for rl, i in first.leaves
