@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 
 from ntklayers import _checks
 from ntklayers._contract import all_finite, contract_unchecked, report_nonfinite
-from ntklayers._factors import capture
+from ntklayers._factors import capture_with, prepare
 
 KernelFn = Callable[..., "jax.Array | dict[str, jax.Array]"]
 
@@ -64,19 +66,56 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
     >>> kernel_fn(params, jnp.ones((4, 3))).shape
     (4, 4, 2, 2)
   """
-  if not callable(f):
-    raise TypeError(f"`f` must be callable as f(params, x), got {type(f).__name__}.")
+  f = _checks.check_f(f)
   options = check_options(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
                           implementation=implementation, layerwise=layerwise,
                           trainable=trainable, independent_samples=independent_samples)
-  jitted = jax.jit(lambda params, x1, x2: kernel(f, params, x1, x2, **options))
+  key = _Options(**{k: _Static(v) if k == "trainable" else v for k, v in options.items()})
 
   def kernel_fn(params: Any, x1: Any, x2: Any = None):
     _checks.check_pair(x1, x2)
-    return checked(*jitted(params, x1, x2))
+    return _jitted_kernel(f, key, params, x1, x2)
 
   kernel_fn.__doc__ = "kernel_fn(params, x1, x2=None) -> NTK; see ntklayers.ntk_fn."
   return kernel_fn
+
+
+class _Static:
+  """A hashable stand-in for an option value (a pytree of bools, a callable, None)."""
+
+  def __init__(self, value: Any):
+    self.value = value
+    leaves, treedef = jax.tree.flatten(value)
+    try:
+      self._key = (treedef, tuple(leaves))
+      hash(self._key)
+    except TypeError:  # unhashable leaves: compare by identity
+      self._key = (id(value),)
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __eq__(self, other: Any) -> bool:
+    return isinstance(other, _Static) and self._key == other._key
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  trace_axes: tuple[int, ...]
+  diagonal_axes: tuple[int, ...]
+  implementation: str
+  layerwise: bool
+  trainable: _Static
+  independent_samples: bool | None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jitted_kernel(f: Callable, options: _Options, params: Any, x1: Any, x2: Any):
+  """One compiled kernel per model ``f``, options and input shapes, shared by every
+  ``ntk_fn(f, ...)`` and ``ntk(f, ...)`` call (JAX's jit cache holds them)."""
+  opts = {k.name: getattr(options, k.name) for k in dataclasses.fields(options)}
+  opts["trainable"] = options.trainable.value
+  return checked(*kernel(f, params, x1, x2, **opts))
 
 
 def check_options(*, trace_axes, diagonal_axes, implementation, layerwise, trainable,
@@ -88,14 +127,18 @@ def check_options(*, trace_axes, diagonal_axes, implementation, layerwise, train
   if independent_samples not in (None, True, False):
     raise TypeError(f"`independent_samples` must be None or a bool, got "
                     f"{independent_samples!r}.")
-  return dict(trace_axes=_checks.check_axes(trace_axes, "trace_axes"),
-              diagonal_axes=_checks.check_axes(diagonal_axes, "diagonal_axes"),
+  trace_axes, diagonal_axes = _checks.check_axes_pair(trace_axes, diagonal_axes)
+  return dict(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
               implementation=implementation, layerwise=layerwise, trainable=trainable,
               independent_samples=independent_samples)
 
 
 def checked(result, ok):
-  """Reports a non-finite kernel (see :func:`kernel`) and returns it."""
+  """Reports a non-finite kernel (see :func:`kernel`) and returns it.
+
+  Under a trace (the jitted kernel) the report is a ``jax.debug.callback`` that
+  runs only when ``ok`` is false, so no call waits on the host for the check.
+  """
   report_nonfinite(ok)
   return result
 
@@ -104,14 +147,14 @@ def kernel(f: Callable, params: Any, x1: Any, x2: Any, *, trace_axes, diagonal_a
            implementation, layerwise, trainable, independent_samples):
   """``contract(capture(x1), capture(x2))``, the body of every kernel function.
 
-  Returns ``(kernel, all_finite)``; the flag is reported outside ``jit`` by
-  :func:`checked` (a host callback inside the compiled kernel would cost more
-  than the contraction of small models).
+  Both batches are discovered first and share one plan. Returns
+  ``(kernel, all_finite)``; pass them to :func:`checked`.
   """
-  opts = dict(implementation=implementation, trainable=trainable,
-              independent_samples=independent_samples)
-  c1 = capture(f, params, x1, **opts)
-  c2 = None if x2 is None else capture(f, params, x2, **opts)
+  xs = (x1,) if x2 is None else (x1, x2)
+  setup = prepare(f, params, xs, implementation=implementation, trainable=trainable,
+                  independent_samples=independent_samples)
+  c1 = capture_with(setup, params, x1)
+  c2 = None if x2 is None else capture_with(setup, params, x2)
   result = contract_unchecked(c1, c2, trace_axes=trace_axes,
                               diagonal_axes=diagonal_axes, layerwise=layerwise)
   return result, all_finite(result)

@@ -7,13 +7,22 @@ installed), so annotated layers cost nothing extra.
 
 A capture runs ``f`` twice:
 
-1. *discovery* under ``jax.eval_shape``: records every annotated call, the
+1. *discovery* under ``jax.make_jaxpr``: records every annotated call, the
    parameter leaves it reads (matched by identity against the traced ``params``),
    its shapes, and whether it can be captured here (no inner transform, a rule
-   exists, its rows are the model's examples);
+   exists, its rows lead with the batch axis). Each capturable call returns a
+   stand-in that depends on the layer's inputs but not on its parameters, so the
+   data flow of the traced program tells which parameter leaves the output
+   depends on *outside* the captured calls (a tied decoder reading the encoder's
+   weights, a bias reused elsewhere): those leaves go to the exact fallback.
 2. *capture* under ``jax.vjp`` with a zero perturbation added to each captured
    layer output; the layer inputs come back as auxiliary outputs and one
-   ``vmap``-ed VJP over a one-hot basis of the outputs yields every cotangent.
+   ``vmap``-ed VJP over a basis of output cotangents yields every cotangent.
+
+Row ``m`` of a layer is assumed to belong to example ``m`` only when it is
+verified: in ``"checked"`` mode one more, random cotangent ``r`` rides along in
+the same ``vmap`` and its layer cotangents must equal ``sum_o r[m, o] g[o, m]``
+(see :func:`capture_cotangents`).
 """
 
 from __future__ import annotations
@@ -21,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ContextManager
 
 import jax
 import jax.numpy as jnp
 
-from ntklayers import _jax_compat
+from ntklayers import _checks, _jax_compat
 from ntklayers._rules import get_rule
 
 InterceptorFactory = Callable[[], ContextManager[Any]]
@@ -76,20 +86,37 @@ class CallRecord:
 
 @dataclasses.dataclass(frozen=True)
 class Discovery:
+  """What one discovery run found.
+
+  Attributes:
+    records: every annotated call, in call order.
+    coupled: modules that declared that samples interact (BatchNorm in training).
+    out_shape: output shape of ``f``.
+    out_dtype: output dtype of ``f``.
+    replaced: indices of the calls whose outputs were replaced by stand-ins.
+    outside: indices of the ``params`` leaves the output depends on other than
+      through the direct parameter use of a replaced call.
+  """
+
   records: tuple[CallRecord, ...]
-  coupled: tuple[str, ...]  # modules that make samples interact
+  coupled: tuple[str, ...]
   out_shape: tuple[int, ...]
   out_dtype: Any
+  replaced: frozenset[int] = frozenset()
+  outside: frozenset[int] = frozenset()
 
 
 class _Session:
   """State of one run of ``f`` under capture."""
 
   def __init__(self, mode: str, *, batch: int, leaf_ids: Mapping[int, int] | None = None,
-               plan: tuple[CallRecord, ...] = (), perts: tuple = ()):
+               plan: tuple[CallRecord, ...] = (), perts: tuple = (),
+               replace: frozenset[int] | None = None):
     self.mode = mode
     self.batch = batch
     self.leaf_ids = leaf_ids or {}
+    self.replace = replace
+    self.replaced: list[int] = []
     self.plan = plan
     self.perts = iter(perts)
     self.records: list[CallRecord] = []
@@ -141,14 +168,19 @@ class _Session:
       return NO_PARAMS, ()
     return None, tuple(leaves)
 
-  def tap(self, kind, config, name, params, primal, out, unsupported=None):
+  def tap(self, kind, config, name, params, primal, out, unsupported=None, inputs=()):
     if self.mode == "discover":
       skip, leaves = self._skip_reason(kind, config, params, primal, out, unsupported)
+      index = len(self.records)
       self.records.append(CallRecord(
           name=name, kind=kind, config=config, leaves=leaves,
           primal=(tuple(primal.shape), primal.dtype),
           out=(tuple(out.shape), out.dtype), skip=skip))
-      return out
+      captured = skip is None if self.replace is None else index in self.replace
+      if not captured:
+        return out
+      self.replaced.append(index)
+      return _stand_in(out, (primal, inputs))
     if self.counter >= len(self.plan):
       raise RuntimeError(
           f"ntklayers: the model made more annotated layer calls during capture "
@@ -166,8 +198,24 @@ class _Session:
     return out + next(self.perts)
 
 
+def _stand_in(out: jax.Array, inputs: Any) -> jax.Array:
+  """Zeros like ``out`` that depend (in the traced data flow) on ``inputs`` only.
+
+  Used in discovery in place of a captured layer's output: the parameters the
+  layer reads directly are cut off, every other path into its output (through
+  its inputs) is kept.
+  """
+  dep = jnp.zeros((), out.dtype)
+  for a in jax.tree.leaves(inputs):
+    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.number) or (
+        isinstance(a, jax.Array) and a.dtype == jnp.bool_):
+      dep = dep + jnp.sum(a).astype(out.dtype) * jnp.zeros((), out.dtype)
+  return jnp.zeros(out.shape, out.dtype) + dep
+
+
 def tap(*, kind: str, config: Any, name: str, params: Mapping[str, jax.Array],
-        primal: jax.Array, out: jax.Array, unsupported: str | None = None) -> jax.Array:
+        primal: jax.Array, out: jax.Array, unsupported: str | None = None,
+        inputs: Any = ()) -> jax.Array:
   """Reports one annotated layer call to the active capture session.
 
   Args:
@@ -179,6 +227,8 @@ def tap(*, kind: str, config: Any, name: str, params: Mapping[str, jax.Array],
     out: the layer output ``[M, ...]``.
     unsupported: a reason why this configuration has no rule; the layer's
       parameters then go to the exact fallback (with a one-time warning).
+    inputs: every array the call received (a pytree); with ``primal`` this must
+      cover everything ``out`` depends on besides ``params``.
 
   Returns:
     ``out``, plus a zero perturbation while capturing.
@@ -186,7 +236,7 @@ def tap(*, kind: str, config: Any, name: str, params: Mapping[str, jax.Array],
   session = _SESSION.get()
   if session is None:
     return out
-  return session.tap(kind, config, name, params, primal, out, unsupported)
+  return session.tap(kind, config, name, params, primal, out, unsupported, inputs)
 
 
 def declare_coupled(name: str) -> None:
@@ -200,44 +250,94 @@ def batch_size(x: Any) -> int:
   return jax.tree.leaves(x)[0].shape[0]
 
 
-def discover(f: Callable, params: Any, x: Any) -> Discovery:
-  """Runs ``f`` abstractly and records every annotated layer call."""
+def discover(f: Callable, params: Any, x: Any,
+             replace: frozenset[int] | None = None) -> Discovery:
+  """Traces ``f`` once and records every annotated layer call.
+
+  Args:
+    f: the model, ``f(params, x) -> [N, ...]``.
+    params: parameters (arrays or abstract values).
+    x: the batch.
+    replace: indices of the calls to replace by stand-ins; ``None`` replaces every
+      call that can be captured.
+  """
   n = batch_size(x)
   sessions = []
 
   def run(params, x):
     ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
-    session = _Session("discover", batch=n, leaf_ids=ids)
+    session = _Session("discover", batch=n, leaf_ids=ids, replace=replace)
     sessions.append(session)
     with session.activate():
       return f(params, x)
 
-  out = jax.eval_shape(run, params, x)
+  try:
+    out, mask = _jax_compat.output_dependencies(run, params, x)
+  except Exception as e:  # pylint: disable=broad-except
+    _checks.note_failure(e, params, x)
+    raise
   session = sessions[-1]
   if not isinstance(out, jax.ShapeDtypeStruct):
     raise TypeError(
         f"`f` must return a single array; got outputs with structure "
         f"{jax.tree.structure(out)}.")
   if out.ndim == 0 or out.shape[0] != n:
+    x_shapes = jax.tree.map(lambda a: tuple(a.shape), x)
+    hint = (" Every leaf of `x` needs a leading batch axis (e.g. `x[None]` for one "
+            "example)" if any(a.ndim < 2 for a in jax.tree.leaves(x)) else "")
     raise ValueError(
-        f"The output of `f` must lead with the batch axis of size {n}; got shape "
-        f"{out.shape}.")
+        f"The output of `f` must lead with the batch axis of `x` (size {n}); got "
+        f"output shape {out.shape} for x shapes {x_shapes}.{hint}")
   if not _jax_compat.is_inexact(out.dtype):
     raise TypeError(f"The output of `f` must be floating, got dtype {out.dtype}.")
+  n_params = len(jax.tree.leaves(params))
+  outside = frozenset(i for i in range(n_params) if mask >> i & 1)
   return Discovery(tuple(session.records), tuple(session.coupled),
-                   tuple(out.shape), out.dtype)
+                   tuple(out.shape), out.dtype, frozenset(session.replaced), outside)
+
+
+# Modes of a capture: rows are examples (asserted by the user), rows are examples
+# if a random check in the same VJP confirms it, or the batch is one sample.
+INDEPENDENT, CHECKED, COUPLED = "independent", "checked", "coupled"
+_CHECK_SEED = 20240607
+
+
+def check_tolerance(dtype: Any) -> float:
+  """Relative tolerance of the alignment check: ``sqrt(eps)`` of ``dtype``."""
+  return float(jnp.finfo(dtype).eps) ** 0.5
+
+
+def check_cotangent(out_shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """The fixed random output cotangent ``r`` ``[N, *rest]`` of the checks."""
+  r = jax.random.normal(jax.random.key(_CHECK_SEED), out_shape, jnp.float32)
+  return r.astype(dtype)
+
+
+def agree(actual: jax.Array, predicted: jax.Array, tol: float) -> jax.Array:
+  """``max|actual - predicted| <= tol * max(max|actual|, max|predicted|)``; NaN fails."""
+  scale = jnp.maximum(jnp.max(jnp.abs(actual)), jnp.max(jnp.abs(predicted)))
+  return jnp.max(jnp.abs(actual - predicted)) <= tol * scale
 
 
 def capture_cotangents(f: Callable, params: Any, x: Any, plan: tuple[CallRecord, ...],
-                       out_shape: tuple[int, ...], out_dtype: Any, coupled: bool):
-  """Returns per-captured-call ``(primal, cotangent)`` pairs.
+                       out_shape: tuple[int, ...], out_dtype: Any, mode: str):
+  """Returns per-captured-call ``(record, primal, cotangent)`` and a check flag.
 
   Cotangents are ``[B, *y_shape]`` with ``B = O`` (one-hot output columns over
-  all examples at once) or, when samples interact, ``B = N * O``.
+  all examples at once) or, in ``"coupled"`` mode, ``B = N * O``.
+
+  In ``"checked"`` mode the ``vmap`` carries one more cotangent, the random
+  ``r [N, O]``. If every row ``m`` of every captured layer affects example ``m``
+  only, its layer cotangent equals ``sum_o r[m, o] g[o, m]``; if some row affects
+  another example (rows that are not the examples, examples that interact after
+  the layer), the two differ for all ``r`` outside a set of measure zero. The
+  flag (a boolean array) says whether they agree to ``sqrt(eps)`` relative; it is
+  ``True`` in the other modes.
   """
   active = [r for r in plan if r.skip is None]
-  perts = tuple(jnp.zeros(r.out[0], r.out[1]) for r in active)
   n = out_shape[0]
+  # Captured rows lead with the batch axis; records may come from another batch.
+  perts = tuple(jnp.zeros((n, *r.out[0][1:]), r.out[1]) for r in active)
 
   def fwd(perts):
     session = _Session("capture", batch=n, plan=plan, perts=perts)
@@ -250,13 +350,24 @@ def capture_cotangents(f: Callable, params: Any, x: Any, plan: tuple[CallRecord,
     return out, tuple(session.primals)
 
   _, vjp_fn, primals = jax.vjp(fwd, perts, has_aux=True)
-  o = 1
-  for d in out_shape[1:]:
-    o *= d
-  if coupled:
+  o = math.prod(out_shape[1:])
+  if mode == COUPLED:
     basis = jnp.eye(n * o, dtype=out_dtype).reshape((n * o, *out_shape))
   else:
     eye = jnp.eye(o, dtype=out_dtype).reshape((o, 1, *out_shape[1:]))
     basis = jnp.broadcast_to(eye, (o, *out_shape))
+  if mode == CHECKED:
+    r = check_cotangent(out_shape, out_dtype)
+    basis = jnp.concatenate([basis, r[None]])
   (cots,) = jax.vmap(vjp_fn)(basis)
-  return list(zip(active, primals, cots))
+  ok = jnp.asarray(True)
+  if mode == CHECKED:
+    tol = check_tolerance(out_dtype)
+    r = r.reshape(n, o)
+    for c in cots:
+      cb, cr = c[:o], c[o]
+      pred = jnp.einsum("no,onk->nk", r, cb.reshape((o, n, -1)),
+                        precision="highest").reshape(cr.shape)
+      ok = ok & agree(cr, pred, tol)
+    cots = tuple(c[:o] for c in cots)
+  return list(zip(active, primals, cots)), ok

@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ntklayers import _jax_compat
+
 IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
 
 
@@ -23,6 +25,20 @@ def check_implementation(implementation: Any) -> None:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+
+
+def check_axes_pair(trace_axes: Any, diagonal_axes: Any) -> tuple[tuple[int, ...],
+                                                                 tuple[int, ...]]:
+  """Both axis options as tuples; an axis named by both is refused at once (negative
+  and positive names of one axis are caught when the output rank is known)."""
+  trace = check_axes(trace_axes, "trace_axes")
+  diag = check_axes(diagonal_axes, "diagonal_axes")
+  both = sorted(set(trace) & set(diag))
+  if both:
+    raise ValueError(
+        f"An axis cannot be both traced and diagonal: trace_axes={trace}, "
+        f"diagonal_axes={diag} share {both}.")
+  return trace, diag
 
 
 def check_axes(value: Any, name: str) -> tuple[int, ...]:
@@ -80,16 +96,25 @@ def check_pair(x1: Any, x2: Any) -> None:
           f"({_dtype(b)}).")
 
 
-def call_discover(discover, f, params, x):
-  """Runs discovery, turning failures of ``f`` into errors that name the inputs."""
+def check_f(f: Any) -> Any:
+  """``f`` must be callable; a jitted ``f`` is unwrapped (the kernel is jitted whole,
+  and layers inside an inner ``jit`` could not be captured)."""
   if not callable(f):
     raise TypeError(f"`f` must be callable as f(params, x), got {type(f).__name__}.")
-  try:
-    return discover(f, params, x)
-  except (TypeError, ValueError) as e:
-    if str(e).startswith(("`f`", "The output of `f`")):
-      raise
-    raise type(e)(
-        f"Calling f(params, x) failed: {e}\n  Check that `params` matches `f` and "
-        f"`x` has the shape `f` expects. params shapes: {_shapes(params)}; x "
-        f"shapes: {_shapes(x)}.") from e
+  return _jax_compat.unwrap_jit(f)
+
+
+_DISCOVERY_HINT = (
+    "ntklayers: calling f(params, x) failed. Check that `params` matches `f` and "
+    "that `x` has the shape `f` expects (with a leading batch axis). params shapes: "
+    "{params}; x shapes: {x}. A Haiku model built with hk.transform that needs an "
+    "rng (dropout) takes it explicitly: pass `lambda p, x: net.apply(p, key, x)` "
+    "with a fixed key (the NTK of the model for that key), or "
+    "hk.without_apply_rng(hk.transform(fn)).apply for a model without randomness.")
+
+
+def note_failure(e: BaseException, params: Any, x: Any) -> None:
+  """Adds a note naming the inputs to an exception raised inside ``f`` (which is then
+  re-raised unchanged, so JAX's own error types and messages are kept)."""
+  if hasattr(e, "add_note"):  # Python >= 3.11
+    e.add_note(_DISCOVERY_HINT.format(params=_shapes(params), x=_shapes(x)))

@@ -14,10 +14,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from ntklayers import _checks
+from jax import lax
+
+from ntklayers import _capture, _checks, _jax_compat
 from ntklayers import _contractions as C
 from ntklayers._axes import OutputSpec
-from ntklayers._factors import Factors
+from ntklayers._factors import Factors, recapture_coupled
 from ntklayers._fallback import ntk_vp_kernel
 
 
@@ -57,9 +59,10 @@ def _warn_nonfinite(ok) -> None:
 
 
 def report_nonfinite(ok: jax.Array) -> None:
-  """Warns if ``ok`` is false: at once when concrete, at run time under a trace."""
-  if isinstance(ok, jax.core.Tracer):
-    jax.debug.callback(_warn_nonfinite, ok)
+  """Warns if ``ok`` is false: at once when concrete; under a trace, by a host
+  callback in a ``lax.cond`` branch that runs only when ``ok`` is false."""
+  if _jax_compat.is_tracer(ok):
+    lax.cond(ok, lambda: None, lambda: jax.debug.callback(_warn_nonfinite, ok))
   else:
     _warn_nonfinite(ok)
 
@@ -100,10 +103,16 @@ def contract(cache1: Factors, cache2: Factors | None = None, *,
 
 
 def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
-             trace_axes: int | Sequence[int] = (),
-             diagonal_axes: int | Sequence[int] = (),
-             layerwise: bool = False) -> jax.Array | dict[str, jax.Array]:
-  """:func:`contract` without the NaN/inf report (the caller reports it)."""
+                       trace_axes: int | Sequence[int] = (),
+                       diagonal_axes: int | Sequence[int] = (),
+                       layerwise: bool = False) -> jax.Array | dict[str, jax.Array]:
+  """:func:`contract` without the NaN/inf report (the caller reports it).
+
+  Caches captured in ``"checked"`` mode carry a flag saying whether their rows
+  and per-example Jacobians were confirmed to belong to their examples; unless
+  both are confirmed, the kernel is computed from a recapture that treats each
+  batch as one sample (``lax.cond``: only the branch taken runs).
+  """
   for name, c in (("cache1", cache1), ("cache2", cache2)):
     if c is not None and not isinstance(c, Factors):
       raise TypeError(f"`{name}` must come from ntklayers.capture, got {type(c).__name__}.")
@@ -118,10 +127,26 @@ def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
         f"layer structure: outputs {m1.out_shape} vs {m2.out_shape}, structured "
         f"layers {[g.name for g in m1.plan.groups]} vs "
         f"{[g.name for g in m2.plan.groups]}, fallback "
-        f"{[g.name for g in m1.plan.fallback]} vs {[g.name for g in m2.plan.fallback]}.")
-  spec = OutputSpec.create(m1.out_shape, m2.out_shape,
-                           _checks.check_axes(trace_axes, "trace_axes"),
-                           _checks.check_axes(diagonal_axes, "diagonal_axes"))
+        f"{[g.name for g in m1.plan.fallback]} vs {[g.name for g in m2.plan.fallback]}. "
+        f"Use ntklayers.ntk_fn, which plans both batches together.")
+  trace_axes, diagonal_axes = _checks.check_axes_pair(trace_axes, diagonal_axes)
+  spec = OutputSpec.create(m1.out_shape, m2.out_shape, trace_axes, diagonal_axes)
+  if _capture.CHECKED not in (m1.mode, m2.mode):
+    return _contract(spec, cache1, cache2, same, layerwise)
+
+  def as_one_sample():
+    r1 = recapture_coupled(cache1)
+    r2 = r1 if same else recapture_coupled(cache2)
+    return _contract(spec, r1, r2, same, layerwise)
+
+  return lax.cond(jnp.logical_and(cache1.verified, cache2.verified),
+                  lambda: _contract(spec, cache1, cache2, same, layerwise),
+                  as_one_sample)
+
+
+def _contract(spec: OutputSpec, cache1: Factors, cache2: Factors, same: bool,
+              layerwise: bool):
+  m1 = cache1.meta
   blocks: dict[str, jax.Array] = {}
 
   def add(name, k):
@@ -131,8 +156,7 @@ def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
     add(group.name, _group_kernel(spec, group, calls1, calls2, same))
   fallback = m1.plan.fallback
   if fallback:
-    use_jac = bool(cache1.fallback_jacobians) and bool(cache2.fallback_jacobians)
-    if use_jac:
+    if m1.fallback_method == "jacobian":
       pos, off = {}, 0
       for g in fallback:
         pos[g.name] = (off, off + len(g.leaves))

@@ -139,9 +139,11 @@ def affine_activation_kernel(spec: OutputSpec, x1: jnp.ndarray, g1: jnp.ndarray,
   if not with_w:  # bias only: sum over positions first
     return jnp.einsum(f"{s1}gj,{s2}gj->{res}", g1.sum(axis=-3), g2.sum(axis=-3),
                       precision=_HIGHEST)
-  if x1.shape[-3:-1] == (1, 1) and x2.shape[-3:-1] == (1, 1):
+  if (x1.shape[-3:-1] == (1, 1) and x2.shape[-3:-1] == (1, 1)
+      and 0 not in spec.trace_axes):
     # No sharing axis and one group (dense layers): a plain matrix product of
-    # cotangents, scaled by the input Gram matrix.
+    # cotangents, scaled by the input Gram matrix. (A traced batch axis pairs the
+    # Gram matrix with the cotangents inside the sum: the general einsum below.)
     gram_letters = gram_letters[:-3]
     gram = jnp.einsum(f"{x1l[:-3]}i,{x2l[:-3]}i->{gram_letters}", x1[..., 0, 0, :],
                       x2[..., 0, 0, :], precision=_HIGHEST)

@@ -17,25 +17,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntklayers import _checks
+from ntklayers import _capture, _checks
 from ntklayers._capture import capture_cotangents, discover
-from ntklayers._fallback import choose, jacobians
-from ntklayers._plan import Plan, forward_flops, make_plan, resolve_trainable
+from ntklayers._fallback import check_jacobians, choose, jacobians
+from ntklayers._plan import (Plan, captured_calls, forward_flops, make_plan,
+                             resolve_trainable, warn_once)
 from ntklayers._rules import get_rule
 
 @dataclasses.dataclass(frozen=True)
 class CaptureMeta:
-  """Static part of a :class:`Factors` cache."""
+  """Static part of a :class:`Factors` cache.
+
+  Attributes:
+    f: the model.
+    plan: structured groups and fallback leaves.
+    out_shape: output shape of ``f`` on this batch.
+    fallback_method: ``"jacobian"`` or ``"ntk_vp"``.
+    implementation: the requested implementation.
+    mode: ``"independent"``, ``"checked"`` or ``"coupled"`` (``_capture``).
+  """
 
   f: Callable
   plan: Plan
   out_shape: tuple[int, ...]
   fallback_method: str
   implementation: str
+  mode: str = _capture.INDEPENDENT
+  out_dtype: Any = None
 
   def signature(self):
     return (self.f, self.plan.groups, self.plan.fallback, self.out_shape[1:],
-            self.plan.coupled)
+            self.plan.coupled, self.fallback_method)
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +63,9 @@ class Factors:
       uses NTK-vector products).
     params: the parameters the factors were captured at.
     inputs: the batch.
+    verified: scalar bool; in ``"checked"`` mode whether every layer row and
+      every per-example Jacobian was confirmed to belong to its example (if not,
+      :func:`ntklayers.contract` recomputes treating the batch as one sample).
     meta: static structure (plan, output shape, methods).
   """
 
@@ -58,6 +73,7 @@ class Factors:
   fallback_jacobians: tuple
   params: Any
   inputs: Any
+  verified: Any
   meta: CaptureMeta = dataclasses.field(metadata=dict(static=True))
 
   @property
@@ -67,6 +83,19 @@ class Factors:
   @property
   def layer_names(self) -> tuple[str, ...]:
     return tuple(g.name for g in self.meta.plan.groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything decided before capturing: the plan, output, mode and method."""
+
+  f: Callable
+  plan: Plan
+  out_dtype: Any
+  out_rest: tuple[int, ...]
+  mode: str
+  method: str
+  implementation: str
 
 
 def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
@@ -81,8 +110,9 @@ def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
     implementation: ``"auto"``, ``"structured"``, ``"ntk_vp"`` or ``"jacobian"``.
     trainable: optax-style mask (pytree of bools or callable); masked-out leaves
       are excluded from the kernel.
-    independent_samples: ``None`` detects samples that interact (BatchNorm in
-      training mode); ``False`` declares that they do; ``True`` that they do not.
+    independent_samples: ``None`` checks whether examples interact (one more
+      random cotangent in the capture's VJP); ``False`` declares that they do
+      (the batch is one sample); ``True`` promises that they do not.
 
   Returns:
     A :class:`Factors` pytree to pass to :func:`ntklayers.contract`.
@@ -96,40 +126,121 @@ def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
     (4, 4, 3, 3)
   """
   _checks.check_implementation(implementation)
+  f = _checks.check_f(f)
+  setup = prepare(f, params, (x,), implementation=implementation, trainable=trainable,
+                  independent_samples=independent_samples)
+  return capture_with(setup, params, x)
+
+
+def prepare(f: Callable, params: Any, xs: tuple, *, implementation: str, trainable: Any,
+            independent_samples: bool | None) -> Setup:
+  """Discovers the layers of ``f`` on every batch in ``xs`` and makes one plan.
+
+  Calls that cannot be captured on one batch are not captured on any, so both
+  sides of a kernel share the plan. Discovery is repeated (rarely) until the
+  calls whose outputs were cut in the dependency analysis are exactly the
+  captured ones.
+  """
   _checks.check_params(params)
-  _checks.check_batch(x, "x")
-  disc = _checks.call_discover(discover, f, params, x)
-  leaves = jax.tree.leaves(params)
+  for k, x in enumerate(xs):
+    _checks.check_batch(x, "x" if len(xs) == 1 else f"x{k + 1}")
+  discs = [discover(f, params, x) for x in xs]
   mask = resolve_trainable(trainable, params)
-  coupled = bool(disc.coupled) or independent_samples is False
   structured = implementation in ("auto", "structured")
-  plan = make_plan(disc, params, mask, structured, coupled)
-  n = disc.out_shape[0]
-  n_out = math.prod(disc.out_shape[1:])
-  fb_leaves = tuple(i for g in plan.fallback for i in g.leaves)
+  coupled = any(d.coupled for d in discs) or independent_samples is False
+  records = _merge_records(f, discs)
+  if records is None:
+    structured, records = False, discs[0].records
+  for _ in range(len(records) + 1):
+    outside = frozenset().union(*(d.outside for d in discs))
+    plan = make_plan(records, params, mask, structured, coupled, outside, f)
+    captured = captured_calls(plan)
+    stale = [k for k, d in enumerate(discs) if d.replaced != captured]
+    if not stale:
+      break
+    for k in stale:
+      discs[k] = discover(f, params, xs[k], replace=captured)
+  else:  # pragma: no cover - the captured set only shrinks
+    raise RuntimeError("ntklayers: discovery did not converge; please report this model.")
+  if independent_samples is True:
+    mode = _capture.INDEPENDENT
+  elif coupled:
+    mode = _capture.COUPLED
+  else:
+    mode = _capture.CHECKED
+  out_shape, out_dtype = discs[0].out_shape, discs[0].out_dtype
+  n, n_out = out_shape[0], math.prod(out_shape[1:])
   if implementation in ("jacobian", "structured"):
     method = "jacobian"
   elif implementation == "ntk_vp":
     method = "ntk_vp"
   else:
-    n_fb = sum(leaves[i].size for i in fb_leaves)
-    itemsize = jnp.dtype(disc.out_dtype).itemsize
-    method = choose(n, n_out, n_fb, itemsize, forward_flops(disc, params))
+    leaves = jax.tree.leaves(params)
+    n_fb = sum(leaves[i].size for g in plan.fallback for i in g.leaves)
+    itemsize = jnp.dtype(out_dtype).itemsize
+    method = choose(n, n_out, n_fb, itemsize, forward_flops(plan.records, params))
+  per_example = bool(plan.groups) or (method == "jacobian" and bool(plan.fallback))
+  if mode == _capture.CHECKED and not per_example:
+    mode = _capture.INDEPENDENT  # whole-batch NTK-vector products are exact anyway
+  return Setup(f, plan, out_dtype, out_shape[1:], mode, method, implementation)
 
+
+def _merge_records(f, discs):
+  """One record per call, skipped if it is skipped on any batch; ``None`` if the
+  batches made different calls (Python control flow that depends on the batch)."""
+  first = discs[0].records
+  for d in discs[1:]:
+    if [(r.name, r.kind) for r in d.records] != [(r.name, r.kind) for r in first]:
+      warn_once(f, "*", "the model calls different annotated layers on `x1` and `x2`")
+      return None
+  merged = []
+  for k, r in enumerate(first):
+    others = [d.records[k] for d in discs[1:]]
+    skip = next((o.skip for o in others if o.skip is not None), None)
+    if skip is None and any(o.leaves != r.leaves for o in others):
+      skip = "it reads different parameters on `x1` and `x2`"
+    if r.skip is None and skip is not None:
+      r = dataclasses.replace(r, skip=skip, leaves=())
+    merged.append(r)
+  return tuple(merged)
+
+
+def capture_with(setup: Setup, params: Any, x: Any, mode: str | None = None) -> Factors:
+  """Captures the factors of one batch under a prepared plan (traceable)."""
+  mode = setup.mode if mode is None else mode
+  plan = setup.plan
+  n = _capture.batch_size(x)
+  out_shape = (n, *setup.out_rest)
+  n_out = math.prod(setup.out_rest)
+  coupled = mode == _capture.COUPLED
+  verified = jnp.asarray(True)
   layers = ()
   if plan.groups:
-    captured = capture_cotangents(f, params, x, plan.records, disc.out_shape,
-                                  disc.out_dtype, coupled)
+    captured, verified = capture_cotangents(setup.f, params, x, plan.records, out_shape,
+                                            setup.out_dtype, mode)
     by_record = {id(rec): (p, c) for rec, p, c in captured}
     layers = tuple(
         tuple(_canonical(plan.records[k], *by_record[id(plan.records[k])], n, n_out,
                          coupled) for k in g.calls)
         for g in plan.groups)
+  fb_leaves = tuple(i for g in plan.fallback for i in g.leaves)
   fb_jac = ()
-  if fb_leaves and method == "jacobian":
-    fb_jac = tuple(jacobians(f, params, x, fb_leaves, not coupled, n_out))
-  meta = CaptureMeta(f, plan, disc.out_shape, method, implementation)
-  return Factors(layers, fb_jac, params, x, meta)
+  if fb_leaves and setup.method == "jacobian":
+    fb_jac = tuple(jacobians(setup.f, params, x, fb_leaves, not coupled, n_out))
+    if mode == _capture.CHECKED:
+      verified = verified & check_jacobians(setup.f, params, x, fb_leaves, fb_jac,
+                                            out_shape, setup.out_dtype)
+  meta = CaptureMeta(setup.f, plan, out_shape, setup.method, setup.implementation, mode,
+                     setup.out_dtype)
+  return Factors(layers, fb_jac, params, x, verified, meta)
+
+
+def recapture_coupled(cache: Factors) -> Factors:
+  """The factors of ``cache``'s batch recaptured with the batch as one sample."""
+  m = cache.meta
+  setup = Setup(m.f, m.plan, m.out_dtype, m.out_shape[1:], _capture.COUPLED,
+                m.fallback_method, m.implementation)
+  return capture_with(setup, cache.params, cache.inputs)
 
 
 def _canonical(record, primal, cot, n: int, n_out: int, coupled: bool):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers._axes import OutputSpec, contract_full
+from ntklayers._capture import agree, check_cotangent, check_tolerance
 
 
 def restrict(f: Callable, params: Any, leaf_indices: Sequence[int]):
@@ -53,6 +54,28 @@ def jacobians(f: Callable, params: Any, x: Any, leaf_indices: Sequence[int],
     js = jac(lambda s: f_sub(s, x))(sub)
   n = jax.tree.leaves(x)[0].shape[0]
   return [j.reshape(n, n_out, -1) for j in js]
+
+
+def check_jacobians(f: Callable, params: Any, x: Any, leaf_indices: Sequence[int],
+                    jacs: Sequence[jnp.ndarray], out_shape: tuple[int, ...],
+                    dtype: Any) -> jnp.ndarray:
+  """Whether per-example Jacobians ``[N, O, P]`` are those of the whole batch.
+
+  One VJP of the whole batch with the random cotangent ``r`` must equal
+  ``sum_{n, o} r[n, o] J[n, o, :]``; it differs (for all ``r`` outside a set of
+  measure zero) when examples interact. Returns a scalar bool array.
+  """
+  f_sub, sub = restrict(f, params, leaf_indices)
+  r = check_cotangent(out_shape, dtype)
+  _, vjp = jax.vjp(lambda s: f_sub(s, x), sub)
+  (grads,) = vjp(r)
+  r = r.reshape(out_shape[0], -1)
+  tol = check_tolerance(dtype)
+  ok = jnp.asarray(True)
+  for g, j in zip(grads, jacs):
+    pred = jnp.einsum("no,nop->p", r, j, precision="highest")
+    ok = ok & agree(g.reshape(-1), pred, tol)
+  return ok
 
 
 def ntk_vp_kernel(spec: OutputSpec, f: Callable, params1: Any, x1: Any, params2: Any,

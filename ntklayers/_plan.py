@@ -9,25 +9,36 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from ntklayers import _jax_compat
-from ntklayers._capture import NO_PARAMS, CallRecord, Discovery
+from ntklayers._capture import NO_PARAMS, CallRecord
 from ntklayers._rules import get_rule
 
-_WARNED: set[tuple[str, str]] = set()
+# Warnings already given, per model function `f` (weakly held) and per layer/reason.
+_WARNED: "weakref.WeakKeyDictionary[Callable, set[tuple]]" = (
+    weakref.WeakKeyDictionary())
+_WARNED_STRONG: dict[int, set[tuple]] = {}
 
 
-def warn_once(name: str, reason: str) -> None:
-  """Warns (once per module and reason) that a layer goes to the exact fallback."""
-  if (name, reason) in _WARNED:
+def warn_once(f: Callable | None, name: str, reason: str, role: str | None = None) -> None:
+  """Warns once per model ``f``, layer (and parameter role) and reason that a
+  layer's parameters go to the exact fallback."""
+  try:
+    seen = _WARNED.setdefault(f, set())
+  except TypeError:  # not weakly referenceable (or None): remember by id
+    seen = _WARNED_STRONG.setdefault(id(f), set())
+  if (name, role, reason) in seen:
     return
-  _WARNED.add((name, reason))
+  seen.add((name, role, reason))
+  subject = f"layer {name!r}" if role is None else f"parameter {role!r} of layer {name!r}"
   warnings.warn(
-      f"ntklayers: layer {name!r} is handled by the exact generic fallback "
-      f"because {reason}.", UserWarning, stacklevel=4)
+      f"ntklayers: {subject} is handled by the exact generic fallback because "
+      f"{reason}.", UserWarning, stacklevel=5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +77,25 @@ def leaf_names(params: Any) -> list[str]:
   return names
 
 
+def leaf_paths(params: Any) -> list[str]:
+  """Full paths of the leaves of ``params``, e.g. ``"['linear']['w']"``."""
+  return [jax.tree_util.keystr(path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
 def resolve_trainable(trainable: Any, params: Any) -> list[bool]:
   """An optax-style mask (tree of bools, prefix tree, or callable) -> bool per leaf."""
   if trainable is None:
     return [True] * len(jax.tree.leaves(params))
   mask = trainable(params) if callable(trainable) else trainable
+  bad = [(jax.tree_util.keystr(path), m) for path, m in
+         jax.tree_util.tree_flatten_with_path(mask)[0]
+         if not isinstance(m, (bool, jax.numpy.bool_))]
+  if bad:
+    path, value = bad[0]
+    raise TypeError(
+        f"`trainable` values must be Python bools; got {value!r} "
+        f"({type(value).__name__}) at `trainable{path}`.")
   try:
     full = jax.tree.map(
         lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, params,
@@ -83,48 +108,70 @@ def resolve_trainable(trainable: Any, params: Any) -> list[bool]:
   return list(jax.tree.leaves(full))
 
 
-def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: bool,
-              coupled: bool) -> Plan:
+USED_OUTSIDE = ("it is also used outside the layer's captured calls (by plain code or by "
+                "a call that cannot be captured)")
+
+
+def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool],
+              structured: bool, coupled: bool, outside: frozenset[int] = frozenset(),
+              f: Callable | None = None) -> Plan:
+  """Groups captured calls by the leaves they read; everything else is fallback.
+
+  Args:
+    records: discovered calls (merged over the batches of one kernel).
+    params: the parameters (for leaf names and dtypes).
+    trainable: one bool per leaf.
+    structured: whether structured groups are wanted at all.
+    coupled: whether the batch is treated as one sample.
+    outside: leaves the model's output depends on outside the direct parameter
+      use of the captured calls: they are taken out of their groups (with a
+      one-time warning) and counted by the fallback.
+    f: the model, to de-duplicate warnings per model.
+  """
   leaves = jax.tree.leaves(params)
   names = leaf_names(params)
-  bad = [(names[i], leaves[i].dtype) for i, t in enumerate(trainable)
+  paths = leaf_paths(params)
+  bad = [(paths[i], leaves[i].dtype) for i, t in enumerate(trainable)
          if t and not _jax_compat.is_inexact(jax.numpy.result_type(leaves[i]))]
   if bad:
     raise TypeError(
-        f"`params` has non-floating leaves that cannot be differentiated: {bad}. "
-        f"Exclude them with `trainable`.")
-  records = list(disc.records)
+        f"`params` has non-floating leaves that cannot be differentiated: "
+        f"{', '.join(f'params{p} ({d})' for p, d in bad)}. Exclude them with "
+        f"`trainable`.")
+  records = list(records)
   for r in records:
     if r.skip is not None and r.skip != NO_PARAMS and structured:
-      warn_once(r.name, r.skip)
+      warn_once(f, r.name, r.skip)
   # Group captured calls by the exact set of leaves they read.
   by_leaves: dict[tuple[int, ...], list[int]] = {}
   for k, r in enumerate(records):
     if r.skip is None and structured:
       by_leaves.setdefault(tuple(sorted(i for _, i in r.leaves)), []).append(k)
-  skipped_names = {r.name for r in records if r.skip not in (None, NO_PARAMS)}
   groups = []
   for key, calls in by_leaves.items():
     first = records[calls[0]]
     reason = None
     if any(set(key) & set(other) for other in by_leaves if other != key):
       reason = "its parameters are shared with another layer of different structure"
-    elif any(records[c].name in skipped_names for c in calls):
-      reason = "another call of the same module could not be captured"
     elif len({(records[c].kind, records[c].leaves) for c in calls}) != 1:
       reason = "its calls disagree in structure"
     if reason is not None:
       for c in calls:
         records[c] = dataclasses.replace(records[c], skip=reason)
-      warn_once(first.name, reason)
+      warn_once(f, first.name, reason)
       continue
     rule = get_rule(first.kind)
+    for role, i in first.leaves:
+      if i in outside and trainable[i]:
+        warn_once(f, first.name, USED_OUTSIDE, role)
     roles = tuple(role for role in rule.roles for rl, i in first.leaves
-                  if rl == role and trainable[i])
+                  if rl == role and trainable[i] and i not in outside)
     idx = tuple(i for role in roles for rl, i in first.leaves if rl == role)
     if not roles:
+      why = "frozen by `trainable`" if not any(
+          trainable[i] for _, i in first.leaves) else USED_OUTSIDE
       for c in calls:
-        records[c] = dataclasses.replace(records[c], skip="frozen by `trainable`")
+        records[c] = dataclasses.replace(records[c], skip=why)
       continue
     groups.append(Group(_group_name(records, calls, names, key), rule.op, roles, idx,
                         tuple(calls)))
@@ -136,6 +183,11 @@ def make_plan(disc: Discovery, params: Any, trainable: list[bool], structured: b
   fallback = tuple(FallbackGroup(n, tuple(ix)) for n, ix in fb.items())
   _check_coverage(groups, fallback, trainable, names)
   return Plan(tuple(records), tuple(groups), fallback, coupled)
+
+
+def captured_calls(plan: Plan) -> frozenset[int]:
+  """Indices of the calls whose factors the plan captures."""
+  return frozenset(c for g in plan.groups for c in g.calls)
 
 
 def _group_name(records, calls, names, leaves) -> str:
@@ -160,10 +212,10 @@ def _check_coverage(groups, fallback, trainable, names) -> None:
         f"{missing}. Please report this with the model.")
 
 
-def forward_flops(disc: Discovery, params: Any) -> float:
+def forward_flops(records: tuple[CallRecord, ...], params: Any) -> float:
   """Rough forward FLOPs per example (for choosing fallback routes)."""
   total = 2.0 * sum(leaf.size for leaf in jax.tree.leaves(params))
-  for r in disc.records:
+  for r in records:
     rule = get_rule(r.kind)
     if rule is not None and r.skip is None:
       total += rule.flops(r.config, r.primal[0], r.out[0])

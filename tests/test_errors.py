@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import haiku as hk
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,17 +85,43 @@ def test_params_missing_module(mlp):
   assert "linear_1" in str(e.value)
 
 
+def _notes(e) -> str:
+  return "\n".join(getattr(e.value, "__notes__", ()))
+
+
 def test_params_wrong_shape(mlp):
+  """The model's own error is re-raised unchanged, with a note naming the shapes."""
   params = dict(mlp.params)
   params["linear"] = {"w": jnp.zeros((4, 16)), "b": jnp.zeros(16)}
-  with pytest.raises(ValueError, match=r"`params` matches `f`") as e:
+  with pytest.raises(ValueError, match=r"linear/w.*\(4, 16\)") as e:
     ntklayers.ntk(mlp.f, params, mlp.x1)
-  assert "(4, 16)" in str(e.value) and "(3, 5)" in str(e.value)  # params and x shapes
+  notes = _notes(e)
+  assert "`params` matches `f`" in notes
+  assert "(4, 16)" in notes and "(3, 5)" in notes  # params and x shapes
 
 
 def test_x_wrong_shape_for_f(mlp):
-  with pytest.raises(ValueError, match=r"(?s)Calling f\(params, x\) failed.*x shapes: \(3, 7\)"):
+  with pytest.raises(ValueError) as e:
     ntklayers.ntk(mlp.f, mlp.params, _x(3, 7))
+  assert re.search(r"(?s)calling f\(params, x\) failed.*x shapes: \(3, 7\)", _notes(e))
+
+
+def test_jax_errors_inside_f_keep_their_type(mlp):
+  """Python control flow on a traced value: JAX's own error, not a re-created one."""
+  def f(p, x):
+    h = mlp.f(p, x)
+    if h.sum() > 0:
+      return h
+    return -h
+
+  with pytest.raises(jax.errors.TracerBoolConversionError) as e:
+    ntklayers.ntk(f, mlp.params, mlp.x1)
+  assert "calling f(params, x) failed" in _notes(e)
+
+
+def test_one_dimensional_x_needs_a_batch_axis(mlp):
+  with pytest.raises(ValueError, match=r"leading batch axis"):
+    ntklayers.ntk(lambda p, x: mlp.f(p, x[None])[0], mlp.params, mlp.x1[0])
 
 
 def test_non_floating_params_leaf_not_masked():
@@ -139,9 +166,9 @@ def test_f_returning_tuple(mlp):
 
 
 def test_f_output_without_batch_axis(mlp):
-  with pytest.raises(ValueError, match=r"output of `f` must lead with the batch axis of size 3"):
+  with pytest.raises(ValueError, match=r"output of `f` must lead with the batch axis of `x` \(size 3\)"):
     ntklayers.ntk(lambda p, x: jnp.sum(mlp.f(p, x)), mlp.params, mlp.x1)
-  with pytest.raises(ValueError, match=r"batch axis of size 2; got shape \(3, 2\)"):
+  with pytest.raises(ValueError, match=r"\(size 2\); got output shape \(3, 2\)"):
     ntklayers.ntk(lambda p, x: mlp.f(p, x).T, mlp.params, mlp.x2)
 
 

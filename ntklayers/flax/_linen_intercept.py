@@ -51,7 +51,8 @@ def interceptor(next_fun, args, kwargs, context):
   variables = module.variables.get("params", {})
   params = {role: variables[leaf] for role, leaf in roles.items() if leaf in variables}
   return _capture.tap(kind=kind, config=config, name=_module_name(module), params=params,
-                      primal=primal.astype(out.dtype), out=out, unsupported=unsupported)
+                      primal=primal.astype(out.dtype), out=out, unsupported=unsupported,
+                      inputs=(args, kwargs))
 
 
 _capture.register_interceptor(lambda: nn.intercept_methods(interceptor))

@@ -64,7 +64,7 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
         return model(x)
       finally:
         MODULE_PATHS.reset(token)
-    return _api.kernel(f, params, x1, x2, **options)
+    return _api.checked(*_api.kernel(f, params, x1, x2, **options))
 
   jitted = jax.jit(body, static_argnums=0)
 
@@ -78,6 +78,6 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
           f"`model` must be an nnx.Module or (graphdef, params, *states) from "
           f"nnx.split; got {type(model).__name__}.")
     _checks.check_pair(x1, x2)
-    return _api.checked(*jitted(graphdef, params, tuple(rest), x1, x2))
+    return jitted(graphdef, params, tuple(rest), x1, x2)
 
   return kernel_fn

@@ -26,7 +26,7 @@ def _value(variable):
   return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
-def _tap(module, roles, description, out):
+def _tap(module, roles, description, out, inputs):
   kind, config, primal, unsupported = description
   params = {}
   for role, attr in roles.items():
@@ -35,7 +35,8 @@ def _tap(module, roles, description, out):
       params[role] = _value(variable)
   name = MODULE_PATHS.get().get(id(module), type(module).__name__)
   return _capture.tap(kind=kind, config=config, name=name, params=params,
-                      primal=primal.astype(out.dtype), out=out, unsupported=unsupported)
+                      primal=primal.astype(out.dtype), out=out, unsupported=unsupported,
+                      inputs=inputs)
 
 
 class Linear(nnx.Linear):
@@ -55,7 +56,8 @@ class Linear(nnx.Linear):
     if not _capture.capturing():
       return out
     return _tap(self, {"w": "kernel", "b": "bias"},
-                _common.describe_dense_general(inputs, -1, self.out_features), out)
+                _common.describe_dense_general(inputs, -1, self.out_features), out,
+                (inputs, args, kwargs))
 
 
 class LinearGeneral(nnx.LinearGeneral):
@@ -67,7 +69,8 @@ class LinearGeneral(nnx.LinearGeneral):
       return out
     return _tap(self, {"w": "kernel", "b": "bias"},
                 _common.describe_dense_general(inputs, self.axis, self.out_features,
-                                               tuple(self.batch_axis)), out)
+                                               tuple(self.batch_axis)), out,
+                (inputs, args, kwargs))
 
 
 class Conv(nnx.Conv):
@@ -81,7 +84,8 @@ class Conv(nnx.Conv):
         self.mask, nnx.Variable) else self.mask
     return _tap(self, {"w": "kernel", "b": "bias"}, _common.describe_conv(
         inputs, self.kernel_size, self.strides, self.padding, self.input_dilation,
-        self.kernel_dilation, self.feature_group_count, mask, canonicalize_padding), out)
+        self.kernel_dilation, self.feature_group_count, mask, canonicalize_padding), out,
+        (inputs, args, kwargs))
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -98,7 +102,7 @@ class LayerNorm(nnx.LayerNorm):
     if self.axis_name is not None:
       unsupported = "it normalizes across devices (`axis_name`)"
     return _tap(self, {"scale": "scale", "offset": "bias"},
-                (kind, config, primal, unsupported), out)
+                (kind, config, primal, unsupported), out, (x, mask))
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):

@@ -52,7 +52,8 @@ def interceptor(next_fun, args, kwargs, ctx: hk.MethodContext):
   params = {role: params[leaf] for role, leaf in module._ntk_roles.items()  # pylint: disable=protected-access
             if leaf in params}
   return _capture.tap(kind=kind, config=config, name=module.module_name,
-                      params=params, primal=primal, out=out, unsupported=unsupported)
+                      params=params, primal=primal, out=out, unsupported=unsupported,
+                      inputs=(args, kwargs))
 
 
 _capture.register_interceptor(lambda: hk.intercept_methods(interceptor))
