@@ -36,6 +36,7 @@ from typing import Any, ContextManager
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ntklayers import _checks, _jax_compat
 from ntklayers._rules import get_rule
@@ -308,9 +309,13 @@ def check_tolerance(dtype: Any) -> float:
 
 
 def check_cotangent(out_shape: tuple[int, ...], dtype: Any) -> jax.Array:
-  """The fixed random output cotangent ``r`` ``[N, *rest]`` of the checks."""
-  r = jax.random.normal(jax.random.key(_CHECK_SEED), out_shape, jnp.float32)
-  return r.astype(dtype)
+  """The fixed random output cotangent ``r`` ``[N, *rest]`` of the checks.
+
+  Drawn with NumPy at trace time and embedded as a constant: XLA would spend
+  seconds constant-folding ``jax.random`` on a constant key.
+  """
+  r = np.random.default_rng(_CHECK_SEED).standard_normal(out_shape)
+  return jnp.asarray(r.astype(np.dtype(dtype)))
 
 
 def agree(actual: jax.Array, predicted: jax.Array, tol: float) -> jax.Array:
@@ -319,8 +324,27 @@ def agree(actual: jax.Array, predicted: jax.Array, tol: float) -> jax.Array:
   return jnp.max(jnp.abs(actual - predicted)) <= tol * scale
 
 
+def rows_proven(f: Callable, params: Any, x: Any, plan: tuple[CallRecord, ...],
+                n: int) -> bool:
+  """Whether the capture's forward pass provably keeps rows apart: row ``n`` of the
+  output is the same function of row ``n`` of ``x`` and of every captured layer's
+  output perturbation (``_jax_compat.rows_are_examples``, a static analysis of the
+  traced program; ``False`` when it cannot tell)."""
+  active = [r for r in plan if r.skip is None]
+  perts = tuple(jax.ShapeDtypeStruct((n, *r.out[0][1:]), r.out[1]) for r in active)
+
+  def fwd(batched, params):
+    perts, x = batched
+    session = _Session("capture", batch=n, plan=plan, perts=perts)
+    with session.activate():
+      return f(params, x)
+
+  return _jax_compat.rows_are_examples(fwd, (perts, x), params)
+
+
 def capture_cotangents(f: Callable, params: Any, x: Any, plan: tuple[CallRecord, ...],
-                       out_shape: tuple[int, ...], out_dtype: Any, mode: str):
+                       out_shape: tuple[int, ...], out_dtype: Any, mode: str,
+                       check: bool = True):
   """Returns per-captured-call ``(record, primal, cotangent)`` and a check flag.
 
   Cotangents are ``[B, *y_shape]`` with ``B = O`` (one-hot output columns over
@@ -332,8 +356,9 @@ def capture_cotangents(f: Callable, params: Any, x: Any, plan: tuple[CallRecord,
   another example (rows that are not the examples, examples that interact after
   the layer), the two differ for all ``r`` outside a set of measure zero. The
   flag (a boolean array) says whether they agree to ``sqrt(eps)`` relative; it is
-  ``True`` in the other modes.
+  ``True`` in the other modes, or when ``check`` is false (rows proven apart).
   """
+  check = check and mode == CHECKED
   active = [r for r in plan if r.skip is None]
   n = out_shape[0]
   # Captured rows lead with the batch axis; records may come from another batch.
@@ -356,12 +381,12 @@ def capture_cotangents(f: Callable, params: Any, x: Any, plan: tuple[CallRecord,
   else:
     eye = jnp.eye(o, dtype=out_dtype).reshape((o, 1, *out_shape[1:]))
     basis = jnp.broadcast_to(eye, (o, *out_shape))
-  if mode == CHECKED:
+  if check:
     r = check_cotangent(out_shape, out_dtype)
     basis = jnp.concatenate([basis, r[None]])
   (cots,) = jax.vmap(vjp_fn)(basis)
   ok = jnp.asarray(True)
-  if mode == CHECKED:
+  if check:
     tol = check_tolerance(out_dtype)
     r = r.reshape(n, o)
     for c in cots:

@@ -96,6 +96,7 @@ class Setup:
   mode: str
   method: str
   implementation: str
+  check_layers: bool = True
 
 
 def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
@@ -179,10 +180,17 @@ def prepare(f: Callable, params: Any, xs: tuple, *, implementation: str, trainab
     n_fb = sum(leaves[i].size for g in plan.fallback for i in g.leaves)
     itemsize = jnp.dtype(out_dtype).itemsize
     method = choose(n, n_out, n_fb, itemsize, forward_flops(plan.records, params))
-  per_example = bool(plan.groups) or (method == "jacobian" and bool(plan.fallback))
-  if mode == _capture.CHECKED and not per_example:
-    mode = _capture.INDEPENDENT  # whole-batch NTK-vector products are exact anyway
-  return Setup(f, plan, out_dtype, out_shape[1:], mode, method, implementation)
+  check_layers = bool(plan.groups)
+  if mode == _capture.CHECKED and check_layers:
+    # A static proof that rows stay apart makes the runtime check unnecessary.
+    check_layers = not all(
+        _capture.rows_proven(f, params, x, plan.records, _capture.batch_size(x))
+        for x in xs)
+  check_jacobians = method == "jacobian" and bool(plan.fallback)
+  if mode == _capture.CHECKED and not (check_layers or check_jacobians):
+    mode = _capture.INDEPENDENT  # proven, or whole-batch NTK-vector products only
+  return Setup(f, plan, out_dtype, out_shape[1:], mode, method, implementation,
+               check_layers)
 
 
 def _merge_records(f, discs):
@@ -217,7 +225,7 @@ def capture_with(setup: Setup, params: Any, x: Any, mode: str | None = None) -> 
   layers = ()
   if plan.groups:
     captured, verified = capture_cotangents(setup.f, params, x, plan.records, out_shape,
-                                            setup.out_dtype, mode)
+                                            setup.out_dtype, mode, setup.check_layers)
     by_record = {id(rec): (p, c) for rec, p, c in captured}
     layers = tuple(
         tuple(_canonical(plan.records[k], *by_record[id(plan.records[k])], n, n_out,
@@ -239,7 +247,7 @@ def recapture_coupled(cache: Factors) -> Factors:
   """The factors of ``cache``'s batch recaptured with the batch as one sample."""
   m = cache.meta
   setup = Setup(m.f, m.plan, m.out_dtype, m.out_shape[1:], _capture.COUPLED,
-                m.fallback_method, m.implementation)
+                m.fallback_method, m.implementation, False)
   return capture_with(setup, cache.params, cache.inputs)
 
 
