@@ -199,6 +199,117 @@ def test_linen_method_kwarg():
                    TOL64)
 
 
+class DropoutNet(nn.Module):
+  """Dropout between annotated layers: ``train=True`` needs ``rngs={"dropout": key}``."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _trace("DropoutNet")
+    h = jnp.tanh(fl.Dense(8, param_dtype=F64)(x))
+    h = nn.Dropout(0.5, deterministic=not train)(h)
+    return fl.Dense(3, param_dtype=F64)(h)
+
+
+@pytest.mark.parametrize("new_style", [True, False], ids=["key", "PRNGKey"])
+def test_linen_dropout_rngs_kwarg_is_traced_and_exact(new_style):
+  """``rngs={"dropout": key}`` (a dict holding a key array) is traced: the kernel is
+  the exact kernel of the deterministic function for that key, and new keys of the
+  same shape reuse the compiled function."""
+  make_key = jax.random.key if new_style else jax.random.PRNGKey
+  module = DropoutNet()
+  x1, x2 = _inputs()
+  variables = models_flax.linen_variables(module, F64, x1)
+  params = variables["params"]
+  kernel_fn = ntklayers.flax.ntk_fn(module)
+  key1, key2 = make_key(1), make_key(2)
+
+  def f_for(key):
+    return lambda p, x: module.apply({"params": p}, x, train=True, rngs={"dropout": key})
+
+  k1 = kernel_fn(variables, x1, x2, train=True, rngs={"dropout": key1})
+  traces = TRACES["DropoutNet"]
+  k2 = kernel_fn(variables, x1, x2, train=True, rngs={"dropout": key2})
+  assert TRACES["DropoutNet"] == traces  # a new key value: no new trace
+  assert_rel_close(k1, reference_ntk(f_for(key1), params, x1, x2), TOL64)
+  assert_rel_close(k2, reference_ntk(f_for(key2), params, x1, x2), TOL64)
+  assert not np.allclose(k1, k2)  # the masks differ, so dropout is active
+  # Eval mode (static train=False, no rngs) is another function.
+  k_eval = kernel_fn(variables, x1, x2)
+  assert_rel_close(k_eval, reference_ntk(lambda p, x: module.apply({"params": p}, x),
+                                         params, x1, x2), TOL64)
+
+
+class PlainDropoutNet(nn.Module):
+  """A plain ``nn.Dense`` (exact fallback) before the dropout."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = jnp.tanh(nn.Dense(8, param_dtype=F64)(x))
+    h = nn.Dropout(0.5, deterministic=not train)(h)
+    return fl.Dense(3, param_dtype=F64)(h)
+
+
+@pytest.mark.parametrize("module,implementation", [
+    (DropoutNet(), "structured"), (DropoutNet(), "ntk_vp"),
+    (DropoutNet(), "jacobian"), (PlainDropoutNet(), "auto"),
+    (PlainDropoutNet(), "structured"),
+    (PlainDropoutNet(), "ntk_vp"),
+], ids=["structured", "ntk_vp", "jacobian", "plain-auto", "plain-structured", "plain-ntk_vp"])
+def test_linen_dropout_rngs_kwarg_other_implementations(module, implementation):
+  x1, x2 = _inputs()
+  variables = models_flax.linen_variables(module, F64, x1)
+  key = jax.random.key(1)
+  f = lambda p, x: module.apply({"params": p}, x, train=True, rngs={"dropout": key})
+  k = ntklayers.flax.ntk_fn(module, implementation=implementation)(
+      variables, x1, x2, train=True, rngs={"dropout": key})
+  assert_rel_close(k, reference_ntk(f, variables["params"], x1, x2), TOL64)
+
+
+class NestedKwargs(nn.Module):
+  """Arrays and static values nested in one ``cfg`` kwarg."""
+
+  @nn.compact
+  def __call__(self, x, cfg):
+    _trace("NestedKwargs")
+    act = {"tanh": jnp.tanh, "relu": jax.nn.relu}[cfg["mode"][0]]
+    h = act(fl.Dense(8, param_dtype=F64)(x)) * cfg["scales"][0][None, :]
+    out = fl.Dense(3, param_dtype=F64)(h + cfg["shift"][1][0])
+    return out * cfg["mode"][1] if cfg["extra"] is None else out
+
+
+def test_linen_nested_apply_kwargs():
+  """Array leaves of nested dicts / lists / tuples are traced, the hashable rest
+  (strings, numbers, None) is static; an unhashable non-array leaf is a TypeError
+  naming the kwarg."""
+  module = NestedKwargs()
+  x1, x2 = _inputs()
+
+  def cfg(c, mode="tanh"):
+    return {"scales": [c * jnp.linspace(0.5, 1.5, 8, dtype=F64)],
+            "shift": (None, [jnp.asarray(c, F64), "unused"]),
+            "mode": (mode, 2.0), "extra": None}
+
+  variables = models_flax.linen_variables(module, F64, x1, cfg(1.0))
+  params = variables["params"]
+  kernel_fn = ntklayers.flax.ntk_fn(module)
+
+  def ref(c):
+    return reference_ntk(lambda p, x: module.apply({"params": p}, x, c), params, x1, x2)
+
+  k1 = kernel_fn(variables, x1, x2, cfg=cfg(1.0))
+  traces = TRACES["NestedKwargs"]
+  k2 = kernel_fn(variables, x1, x2, cfg=cfg(2.0))
+  assert TRACES["NestedKwargs"] == traces  # new array values: no new trace
+  assert_rel_close(k1, ref(cfg(1.0)), TOL64)
+  assert_rel_close(k2, ref(cfg(2.0)), TOL64)
+  k3 = kernel_fn(variables, x1, x2, cfg=cfg(1.0, mode="relu"))  # a new static value
+  assert TRACES["NestedKwargs"] > traces
+  assert_rel_close(k3, ref(cfg(1.0, mode="relu")), TOL64)
+  bad = {**cfg(1.0), "extra": {"tags": {"a", "b"}}}
+  with pytest.raises(TypeError, match=r"apply kwarg 'cfg' \(at \['extra'\]\['tags'\]\)"):
+    kernel_fn(variables, x1, x2, cfg=bad)
+
+
 # ------------------------------------------------------- BatchNorm, train ---
 
 

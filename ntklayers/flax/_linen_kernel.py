@@ -11,11 +11,63 @@ import jax
 from ntklayers import _api, _checks
 
 
-def _split_kwargs(kwargs: Mapping[str, Any]):
-  """Array-valued apply kwargs are traced; the rest (``train=False``) are static."""
-  dynamic = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array) or hasattr(v, "__array__")}
-  static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic))
-  return dynamic, static
+def _is_array(value: Any) -> bool:
+  return isinstance(value, jax.Array) or hasattr(value, "__array__")
+
+
+class _Static:
+  """The hashable, non-array part of ``apply_kwargs`` (a static jit argument).
+
+  ``treedef`` is the pytree structure of the kwargs; ``values`` holds, per leaf,
+  ``None`` where the leaf is an array (traced) and the leaf itself otherwise.
+  """
+
+  __slots__ = ("treedef", "is_array", "values", "_hash")
+
+  def __init__(self, treedef, is_array: tuple[bool, ...], values: tuple[Any, ...]):
+    self.treedef, self.is_array, self.values = treedef, is_array, values
+    self._hash = hash((treedef, is_array, values))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: Any) -> bool:
+    return (isinstance(other, _Static) and self.treedef == other.treedef
+            and self.is_array == other.is_array and self.values == other.values)
+
+  def merge(self, arrays: Sequence[Any]) -> dict[str, Any]:
+    """The kwargs, with the (traced) ``arrays`` put back in their places."""
+    it = iter(arrays)
+    leaves = [next(it) if a else v for a, v in zip(self.is_array, self.values)]
+    return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _split_kwargs(kwargs: Mapping[str, Any]) -> tuple[list[Any], _Static]:
+  """Splits ``apply_kwargs`` into traced array leaves and a hashable static rest.
+
+  Array leaves anywhere in the kwargs (nested dicts, lists, tuples; PRNG keys,
+  old-style ``uint32`` or new-style ``jax.random.key``) are traced, so new values
+  of the same shapes do not recompile; the other leaves (``train=True``,
+  strings, ``None``...) are static and must be hashable.
+  """
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(dict(kwargs))
+  is_array = tuple(_is_array(leaf) for _, leaf in with_path)
+  arrays = [leaf for (_, leaf), a in zip(with_path, is_array) if a]
+  values = []
+  for (path, leaf), a in zip(with_path, is_array):
+    if not a:
+      try:
+        hash(leaf)
+      except TypeError as e:
+        name = path[0].key if path and hasattr(path[0], "key") else "?"
+        where = jax.tree_util.keystr(path[1:])
+        raise TypeError(
+            f"apply kwarg {name!r}{f' (at {where})' if where else ''} holds a "
+            f"{type(leaf).__name__}, which is neither an array (traced) nor hashable "
+            f"(static, part of the compilation cache key). Pass arrays, or hashable "
+            f"values such as bools, numbers, strings and tuples.") from e
+    values.append(None if a else leaf)
+  return arrays, _Static(treedef, is_array, tuple(values))
 
 
 def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
@@ -27,8 +79,13 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
 
   Only ``variables["params"]`` is differentiated; every other collection
   (``batch_stats``, ...) is held fixed. ``apply_kwargs`` are passed to
-  ``module.apply`` (e.g. ``train=False`` for eval mode, or a mask array); models
-  that update collections need ``mutable=[...]`` and their updates are dropped.
+  ``module.apply`` (e.g. ``train=False`` for eval mode, a mask array, or
+  ``rngs={"dropout": key}``): array leaves anywhere in them (nested dicts, lists,
+  tuples, PRNG keys) are traced, so new values of the same shapes reuse the
+  compiled kernel; the other leaves are static and must be hashable. With
+  ``rngs``, the kernel is that of the deterministic function of ``params`` for
+  those keys (e.g. one fixed dropout mask). Models that update collections need
+  ``mutable=[...]`` and their updates are dropped.
   Options and output layout are those of :func:`ntklayers.ntk_fn`; ``layerwise``
   names are linen module paths (``"Dense_0"``, ``"Block_0/Conv_1"``) and
   ``trainable`` masks are trees like ``variables["params"]``.
@@ -52,11 +109,13 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
                                trainable=trainable, independent_samples=independent_samples)
 
   def body(params, rest, x1, x2, dynamic, static):
+    apply_kwargs = static.merge(dynamic)
+
     def f(p, x):
       out = module.apply({"params": p, **rest}, x, method=method, mutable=mutable,
-                         **dynamic, **dict(static))
+                         **apply_kwargs)
       return out[0] if mutable else out
-    return _api.kernel(f, params, x1, x2, **options)
+    return _api.checked(*_api.kernel(f, params, x1, x2, **options))
 
   jitted = jax.jit(body, static_argnums=(5,))
 
@@ -69,6 +128,6 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
     _checks.check_pair(x1, x2)
     rest = {k: v for k, v in variables.items() if k != "params"}
     dynamic, static = _split_kwargs(apply_kwargs)
-    return _api.checked(*jitted(variables["params"], rest, x1, x2, dynamic, static))
+    return jitted(variables["params"], rest, x1, x2, dynamic, static)
 
   return kernel_fn
