@@ -9,6 +9,7 @@ LayerNorm for their ``ntklayers.haiku`` counterparts), then::
 Parameters of layers that are not annotated are still counted exactly.
 """
 
+from ntklayers import metrics
 from ntklayers._api import ntk
 from ntklayers._api import ntk_fn
 from ntklayers._api import summed_logits
@@ -33,6 +34,7 @@ __all__ = (
     "ScaleConfig",
     "capture",
     "contract",
+    "metrics",
     "ntk",
     "ntk_fn",
     "register_rule",

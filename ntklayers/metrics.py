@@ -1,0 +1,48 @@
+"""NTK metrics: spectrum, conditioning, alignment, kernel change, stability bound.
+
+Pure, jittable functions of a kernel returned by :func:`ntklayers.ntk_fn`, read
+as a matrix by one rule (see :func:`flatten`): ``[N1, N2, O, O] -> [N1·O, N2·O]``
+with row ``n·O + o``, ``[N1, N2]`` as is, ``[N1, N2, A, A, C, C] -> [N1·A·C,
+N2·A·C]``. Diagonal layouts (``diagonal_axes``) are accepted by :func:`trace` and
+:func:`relative_change` only. :func:`lambda_max_matrix_free` gets ``λmax``
+without forming the kernel.
+
+Example:
+  >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers, ntklayers.metrics as nm
+  >>> net = hk.without_apply_rng(hk.transform(lambda x: ntklayers.Linear(3)(x)))
+  >>> x = jnp.arange(8.).reshape(4, 2)
+  >>> params = net.init(jax.random.key(0), x)
+  >>> K = ntklayers.ntk_fn(net.apply)(params, x)     # [4, 4, 3, 3]
+  >>> nm.eigvalsh(K).shape
+  (12,)
+"""
+
+from ntklayers._lanczos import lambda_max_matrix_free
+from ntklayers._lanczos import lanczos_lambda_max
+from ntklayers._lanczos import ntk_matvec
+from ntklayers._metrics import alignment
+from ntklayers._metrics import condition_number
+from ntklayers._metrics import effective_rank
+from ntklayers._metrics import eigvalsh
+from ntklayers._metrics import flatten
+from ntklayers._metrics import lambda_max
+from ntklayers._metrics import lambda_min
+from ntklayers._metrics import max_stable_lr
+from ntklayers._metrics import relative_change
+from ntklayers._metrics import trace
+
+__all__ = (
+    "alignment",
+    "condition_number",
+    "effective_rank",
+    "eigvalsh",
+    "flatten",
+    "lambda_max",
+    "lambda_max_matrix_free",
+    "lambda_min",
+    "lanczos_lambda_max",
+    "max_stable_lr",
+    "ntk_matvec",
+    "relative_change",
+    "trace",
+)

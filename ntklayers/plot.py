@@ -1,0 +1,223 @@
+"""Pictures of NTKs: kernel heatmaps, spectra, metric histories, layerwise components.
+
+Needs matplotlib (``pip install 'ntklayers[plot]'``), imported on first use. Every
+function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot`` global
+state, safe with the Agg backend and in threads), returns it, and saves a PNG
+when ``path`` is given. Kernels are read with the flattening rule of
+:mod:`ntklayers.metrics` (``[N, N, O, O] -> [N·O, N·O]``, row ``n·O + o``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from jax.typing import ArrayLike
+
+from ntklayers import _metrics
+
+_INSTALL = "ntklayers.plot needs matplotlib: pip install 'ntklayers[plot]'"
+
+
+def _figure(layout: str = "constrained", **kwargs: Any) -> Any:
+  try:
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(_INSTALL) from e
+  return Figure(layout=layout, **kwargs)
+
+
+def _finish(fig: Any, path: str | os.PathLike[str] | None) -> Any:
+  if path is not None:
+    fig.savefig(os.fspath(path), format="png", dpi=100)
+  return fig
+
+
+def _labels(labels: ArrayLike | None, n: int) -> np.ndarray | None:
+  if labels is None:
+    return None
+  labels = np.asarray(labels)
+  if labels.ndim == 2:  # one-hot
+    labels = labels.argmax(-1)
+  if labels.shape != (n,):
+    raise ValueError(f"`labels` must be [N] = [{n}] (or one-hot [N, C]); got shape "
+                     f"{np.shape(labels)}.")
+  return labels
+
+
+def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
+                 title: str | None) -> None:
+  mat = np.asarray(_metrics.flatten(K))
+  n = np.shape(K)[0]
+  per = mat.shape[0] // n  # rows per example (O)
+  lab = _labels(labels, n)
+  if lab is not None:
+    if mat.shape[0] != mat.shape[1]:
+      raise ValueError(f"`labels` sort a square kernel K(x, x); got shape {np.shape(K)}.")
+    order = np.argsort(lab, kind="stable")
+    rows = (order[:, None] * per + np.arange(per)).ravel()
+    mat, lab = mat[np.ix_(rows, rows)], lab[order]
+  vmax = float(np.max(np.abs(mat))) or 1.0
+  im = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+  fig.colorbar(im, ax=ax, shrink=0.8)
+  if lab is not None:
+    cuts = np.flatnonzero(np.diff(lab)) + 1
+    for c in cuts * per - 0.5:
+      ax.axhline(c, color="k", lw=0.8)
+      ax.axvline(c, color="k", lw=0.8)
+    edges = np.concatenate([[0], cuts, [len(lab)]]) * per
+    centers = (edges[:-1] + edges[1:]) / 2 - 0.5
+    names = [str(v) for v in lab[np.concatenate([[0], cuts])]]
+    ax.set_xticks(centers, names)
+    ax.set_yticks(centers, names)
+    ax.set_xlabel("samples sorted by label")
+  else:
+    ax.set_xlabel("example · output (n·O + o)")
+  if title:
+    ax.set_title(title)
+
+
+def heatmap(K: ArrayLike, labels: ArrayLike | None = None, ax: Any = None,
+            path: str | os.PathLike[str] | None = None, *, title: str | None = "NTK") -> Any:
+  """Heatmap of the flattened kernel, samples sorted by label, class boundaries marked.
+
+  Args:
+    K: kernel ``[N1, N2, O, O]`` or ``[N1, N2]`` (full layout, see
+      :func:`ntklayers.metrics.flatten`).
+    labels: optional ``[N]`` integer labels (or one-hot ``[N, C]``): rows and
+      columns are sorted by label (stable) and lines drawn between classes.
+    ax: optional matplotlib ``Axes`` to draw into (its figure is returned).
+    path: save the figure as a PNG here.
+    title: axes title.
+
+  Returns:
+    The :class:`matplotlib.figure.Figure`.
+
+  Example:
+    >>> import jax.numpy as jnp, ntklayers.plot
+    >>> fig = ntklayers.plot.heatmap(jnp.eye(6), labels=jnp.array([1, 0, 1, 0, 2, 2]))
+    >>> type(fig).__name__
+    'Figure'
+  """
+  fig = _figure(figsize=(5, 4.2)) if ax is None else ax.get_figure()
+  _draw_kernel(fig, fig.add_subplot() if ax is None else ax, K, labels, title)
+  return _finish(fig, path)
+
+
+def spectrum(K_or_eigenvalues: ArrayLike, path: str | os.PathLike[str] | None = None, *,
+             ax: Any = None, title: str | None = "NTK spectrum") -> Any:
+  """Eigenvalues in decreasing order on a log scale, with ``κ`` in the legend.
+
+  Args:
+    K_or_eigenvalues: a kernel (full layout; eigenvalues via
+      :func:`ntklayers.metrics.eigvalsh`) or a 1-D array of eigenvalues.
+    path: save the figure as a PNG here.
+    ax: optional matplotlib ``Axes`` to draw into.
+    title: axes title.
+
+  Returns:
+    The figure. Eigenvalues ``<= 0`` cannot be shown on a log scale; their
+    count is written on the plot.
+
+  Example:
+    >>> import jax.numpy as jnp, ntklayers.plot
+    >>> fig = ntklayers.plot.spectrum(jnp.array([4.0, 1.0, 0.5]))
+  """
+  ev = np.asarray(K_or_eigenvalues)
+  if ev.ndim != 1:
+    ev = np.asarray(_metrics.eigvalsh(K_or_eigenvalues))
+  ev = np.sort(ev)[::-1]
+  pos = ev[ev > 0]
+  fig = _figure(figsize=(5, 3.5)) if ax is None else ax.get_figure()
+  ax = fig.add_subplot() if ax is None else ax
+  kappa = ev[0] / ev[-1] if ev.size and ev[-1] > 0 else math.inf
+  ax.plot(np.arange(1, pos.size + 1), pos, "o-", ms=3, label=f"κ = λmax/λmin = {kappa:.3g}")
+  if pos.size:
+    ax.set_yscale("log")
+  if pos.size < ev.size:
+    ax.text(0.98, 0.02, f"{ev.size - pos.size} eigenvalue(s) <= 0 not shown",
+            transform=ax.transAxes, ha="right", va="bottom")
+  ax.set_xlabel("index i (decreasing)")
+  ax.set_ylabel("λ_i")
+  ax.legend(loc="upper right")
+  if title:
+    ax.set_title(title)
+  return _finish(fig, path)
+
+
+def history(metrics: Mapping[str, ArrayLike], path: str | os.PathLike[str] | None = None,
+            *, steps: ArrayLike | None = None, log: bool | Sequence[str] | None = None,
+            title: str | None = None) -> Any:
+  """Metric histories over training steps, one panel per metric, shared step axis.
+
+  Args:
+    metrics: ``{name: [T] values}`` (e.g. a monitor's history); NaN entries
+      (steps not yet recorded) are left as gaps.
+    path: save the figure as a PNG here.
+    steps: ``[T]`` step numbers (default ``0..T-1``).
+    log: log y-scale: ``True``/``False`` for all panels, a list of names, or
+      ``None`` (automatic: positive values spanning more than two decades).
+    title: figure title.
+
+  Returns:
+    The figure.
+
+  Example:
+    >>> import numpy as np, ntklayers.plot
+    >>> fig = ntklayers.plot.history({"kappa": np.array([1e3, 1e2, 50.]),
+    ...                               "lambda_max": np.array([3., 2., 2.])})
+  """
+  if not metrics:
+    raise ValueError("`metrics` is empty: nothing to plot.")
+  fig = _figure(figsize=(6, 1.9 * len(metrics) + 0.6))
+  axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+  for ax, (name, values) in zip(axes, metrics.items()):
+    values = np.asarray(values, dtype=float).ravel()
+    x = np.arange(values.size) if steps is None else np.asarray(steps).ravel()
+    if x.shape != values.shape:
+      raise ValueError(f"`steps` has shape {x.shape} but {name!r} has {values.shape}.")
+    ax.plot(x, values, ".-")
+    ax.set_ylabel(name)
+    finite = values[np.isfinite(values)]
+    if log is None:
+      use_log = finite.size > 0 and finite.min() > 0 and finite.max() > 100 * finite.min()
+    else:
+      use_log = log if isinstance(log, bool) else name in log
+    if use_log:
+      ax.set_yscale("log")
+  axes[-1].set_xlabel("step")
+  if title:
+    fig.suptitle(title)
+  return _finish(fig, path)
+
+
+def layerwise(kernels: Mapping[str, ArrayLike], labels: ArrayLike | None = None,
+              path: str | os.PathLike[str] | None = None) -> Any:
+  """Heatmaps of the layerwise components side by side, with their trace shares.
+
+  Args:
+    kernels: ``{name: kernel}`` from ``ntk_fn(..., layerwise=True)`` (full
+      layout); the components sum to the full kernel.
+    labels: optional ``[N]`` labels; every panel is sorted as in :func:`heatmap`.
+    path: save the figure as a PNG here.
+
+  Returns:
+    The figure; each panel has its own color scale and shows the component's
+    share of the total trace.
+
+  Example:
+    >>> import jax.numpy as jnp, ntklayers.plot
+    >>> fig = ntklayers.plot.layerwise({"a": jnp.eye(4), "b": 2 * jnp.ones((4, 4))})
+  """
+  if not kernels:
+    raise ValueError("`kernels` is empty: nothing to plot.")
+  traces = {k: float(_metrics.trace(v)) for k, v in kernels.items()}
+  total = sum(traces.values()) or 1.0
+  fig = _figure("compressed", figsize=(4.2 * len(kernels), 3.8))
+  axes = fig.subplots(1, len(kernels), squeeze=False)[0]
+  for ax, (name, K) in zip(axes, kernels.items()):
+    _draw_kernel(fig, ax, K, labels, f"{name or '(root)'}: {traces[name] / total:.1%} of tr")
+  return _finish(fig, path)
