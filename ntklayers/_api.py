@@ -36,8 +36,9 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
 
   Args:
     f: ``f(params, x) -> [N, ...]``, e.g. ``hk.without_apply_rng(hk.transform(fn)).apply``
-      or a closure over Haiku state. Pass the un-jitted function: ``kernel_fn`` is
-      jitted as a whole.
+      or a closure over Haiku state. ``kernel_fn`` is jitted as a whole; a jitted
+      ``f`` is unwrapped. The compiled kernel is shared by every ``ntk_fn`` and
+      ``ntk`` call with the same ``f`` and options.
     trace_axes: output axes to contract and average over (``(-1,)`` gives an
       ``[N1, N2]`` kernel averaged over logits).
     diagonal_axes: output axes on which to keep only the diagonal (``(0,)`` gives
@@ -48,9 +49,11 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
     layerwise: return ``{module name: kernel}``; the values sum to the full kernel.
     trainable: optax-style mask (pytree of bools like ``params``, a prefix of
       it, or a callable returning one); masked-out leaves are excluded.
-    independent_samples: ``None`` detects samples that interact inside the model
-      (``hk.BatchNorm`` in training mode); ``False`` declares it; ``True`` asserts
-      the examples are independent.
+    independent_samples: ``None`` proves (statically) or checks (one more random
+      cotangent per capture) that examples do not interact and that layer rows
+      are examples, and otherwise treats the batch as one sample (exact, ``N * O``
+      backward passes); ``False`` treats the batch as one sample; ``True``
+      promises independence and skips the checks.
 
   Returns:
     ``kernel_fn(params, x1, x2=None)``; ``x2=None`` means ``x2 = x1``. For outputs
