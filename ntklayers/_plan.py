@@ -22,16 +22,21 @@ from ntklayers._rules import get_rule
 # Warnings already given, per model function `f` (weakly held) and per layer/reason.
 _WARNED: "weakref.WeakKeyDictionary[Callable, set[tuple]]" = (
     weakref.WeakKeyDictionary())
-_WARNED_STRONG: dict[int, set[tuple]] = {}
+_WARNED_STRONG: dict[Any, set[tuple]] = {}
 
 
 def warn_once(f: Callable | None, name: str, reason: str, role: str | None = None) -> None:
   """Warns once per model ``f``, layer (and parameter role) and reason that a
-  layer's parameters go to the exact fallback."""
+  layer's parameters go to the exact fallback. Adapters that build ``f`` per trace
+  name the user's model as ``f.__ntk_owner__``."""
+  f = getattr(f, "__ntk_owner__", f)
   try:
     seen = _WARNED.setdefault(f, set())
-  except TypeError:  # not weakly referenceable (or None): remember by id
-    seen = _WARNED_STRONG.setdefault(id(f), set())
+  except TypeError:  # not weakly referenceable: by value if hashable, else by id
+    try:
+      seen = _WARNED_STRONG.setdefault(f, set())
+    except TypeError:
+      seen = _WARNED_STRONG.setdefault(id(f), set())
   if (name, role, reason) in seen:
     return
   seen.add((name, role, reason))

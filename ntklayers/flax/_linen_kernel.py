@@ -115,6 +115,7 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
       out = module.apply({"params": p, **rest}, x, method=method, mutable=mutable,
                          **apply_kwargs)
       return out[0] if mutable else out
+    f.__ntk_owner__ = module  # warnings are de-duplicated per module, not per trace
     return _api.checked(*_api.kernel(f, params, x1, x2, **options))
 
   jitted = jax.jit(body, static_argnums=(5,))

@@ -64,6 +64,7 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
         return model(x)
       finally:
         MODULE_PATHS.reset(token)
+    f.__ntk_owner__ = graphdef  # warnings are de-duplicated per model, not per trace
     return _api.checked(*_api.kernel(f, params, x1, x2, **options))
 
   jitted = jax.jit(body, static_argnums=0)
