@@ -4,7 +4,9 @@ Every model is a :class:`ModelDescriptor`; ``descriptor.build(dtype)`` returns
 ``Built(f, params, x1, x2)`` with ``f(params, x) -> [N, ...]`` a plain function
 (Haiku ``apply`` or a closure over Haiku state), ``x1`` a batch of ``N1 = 3`` and
 ``x2`` a batch of ``N2 = 2`` examples. Sizes are tiny (widths <= 16) so that every
-JAX compilation stays cheap.
+JAX compilation stays cheap. ``MODELS`` are the Haiku models below,
+``CLASS_MODELS`` the Haiku models of the classes of issue #6 (``models_classes``);
+``BY_NAME`` and ``build`` cover both, :func:`registry` adds the Flax ones.
 
 Parameters have the structure Haiku's ``init`` creates but random values (see
 :func:`init_params`): Haiku's zero biases and unit scales would let some terms
@@ -49,8 +51,14 @@ class ModelDescriptor:
     out_rank: rank of ``f``'s output, batch axis included.
     fallback_warning: annotated layers run under an inner transform (``hk.remat``,
       ``hk.scan``, ``hk.layer_stack``), so ntklayers warns that they go to the
-      exact fallback.
-    coupled: samples interact inside the model (BatchNorm in training mode).
+      exact fallback (tolerated, like ``warning="require"``).
+    warning: ntklayers warnings the model may emit: ``None`` (none: warnings are
+      errors), ``"tolerate"`` (any ``ntklayers:`` ``UserWarning`` may or may not
+      appear) or ``"require"`` (the one-time fallback warning must appear on the
+      model's first kernel, checked by ``test_required_warnings``;
+      elsewhere tolerated, since it is emitted once).
+    coupled: samples interact inside the model (BatchNorm in training mode, batch
+      centering, ...): the reference differentiates each batch whole.
     int_inputs: inputs are integer token ids.
     slow: heavier model (``pytest.mark.slow``).
   """
@@ -60,9 +68,13 @@ class ModelDescriptor:
   x_shape: Any
   out_rank: int = 2
   fallback_warning: bool = False
+  warning: str | None = None
   coupled: bool = False
   int_inputs: bool = False
   slow: bool = False
+
+  def __post_init__(self):
+    assert self.warning in (None, "tolerate", "require"), self.warning
 
   def __str__(self) -> str:
     return self.name
@@ -334,8 +346,14 @@ MODELS: tuple[ModelDescriptor, ...] = (
     descriptor("scan_rnn", scan_rnn, (4, 3), fallback_warning=True),
 )
 
-BY_NAME = {m.name: m for m in MODELS}
-RANK3 = tuple(m for m in MODELS if m.out_rank == 3)
+# The classes of models of issue #6 (tests/models_classes.py; that module imports
+# this one lazily, so it is imported here, after everything it needs is defined).
+import models_classes  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CLASS_MODELS: tuple[ModelDescriptor, ...] = models_classes.haiku_models()
+
+BY_NAME = {m.name: m for m in MODELS + CLASS_MODELS}
+assert len(BY_NAME) == len(MODELS) + len(CLASS_MODELS), "model names must be unique"
 
 
 @functools.lru_cache(maxsize=None)
@@ -353,21 +371,29 @@ def model_params(models=MODELS):
 
 @contextlib.contextmanager
 def expect_fallback_warning(model: ModelDescriptor):
-  """Tolerates ntklayers' fallback warning for models that legitimately emit it.
+  """Tolerates the ntklayers warnings that ``model`` may legitimately emit.
 
-  The warning is emitted once per module per process, so whether a given call
-  warns depends on test order; ``test_api`` checks the warning itself.
+  The fallback warning is emitted once, so whether a given call warns depends on
+  test order; ``test_api`` and ``test_required_warnings`` check the
+  warning itself. ``warning="tolerate"``: any ``ntklayers:`` ``UserWarning``.
   """
   import warnings  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
-    if model.fallback_warning:
+    if model.fallback_warning or model.warning == "require":
       warnings.filterwarnings("ignore", message=r".*handled by the exact generic fallback",
                               category=UserWarning)
+    if model.warning == "tolerate":
+      warnings.filterwarnings("ignore", message=NTKLAYERS_WARNING, category=UserWarning)
     yield
 
 
+NTKLAYERS_WARNING = r"ntklayers\b"  # every ntklayers warning starts "ntklayers: "
+
+
 def registry() -> tuple[ModelDescriptor, ...]:
-  """The whole shared registry: the Haiku models above and the linen/NNX models of
-  ``models_flax`` (which extends :class:`ModelDescriptor` with Flax entry points)."""
+  """The whole shared registry: the Haiku models above, the linen/NNX models of
+  ``models_flax`` (which extends :class:`ModelDescriptor` with Flax entry points)
+  and the models of the classes of issue #6 (``models_classes``) of both."""
   import models_flax  # pylint: disable=g-import-not-at-top  (it imports this module)
-  return MODELS + tuple(models_flax.FLAX_MODELS)
+  return (MODELS + tuple(models_flax.FLAX_MODELS) + CLASS_MODELS
+          + tuple(models_flax.CLASS_MODELS))

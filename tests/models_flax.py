@@ -57,8 +57,8 @@ from ntklayers.flax import nnx as fx
 import models
 from models import ModelDescriptor, make_inputs
 
-__all__ = ("FLAX_MODELS", "BY_NAME", "FlaxBuilt", "FlaxModelDescriptor", "build",
-           "exact_attention", "fill_value", "flax_promotion", "linen_variables",
+__all__ = ("FLAX_MODELS", "CLASS_MODELS", "BY_NAME", "FlaxBuilt", "FlaxModelDescriptor",
+           "build", "exact_attention", "fill_value", "flax_promotion", "linen_variables",
            "nnx_model")
 
 
@@ -429,19 +429,19 @@ class FlaxModelDescriptor(ModelDescriptor):
 
 
 def _linen(name, module_fn, x_shape, layer_names, *, out_rank=2, coupled=False,
-           vocab=None, **build_kw) -> FlaxModelDescriptor:
+           vocab=None, warning=None, **build_kw) -> FlaxModelDescriptor:
   return FlaxModelDescriptor(
       name, _linen_build(module_fn, x_shape, layer_names, vocab=vocab, **build_kw),
       x_shape, out_rank=out_rank, coupled=coupled, int_inputs=vocab is not None,
-      framework="linen")
+      warning=warning, framework="linen")
 
 
 def _nnx(name, make, x_shape, layer_names, *, out_rank=2, coupled=False, vocab=None,
-         **build_kw) -> FlaxModelDescriptor:
+         warning=None, **build_kw) -> FlaxModelDescriptor:
   return FlaxModelDescriptor(
       name, _nnx_build(make, x_shape, layer_names, vocab=vocab, **build_kw),
       x_shape, out_rank=out_rank, coupled=coupled, int_inputs=vocab is not None,
-      framework="nnx")
+      warning=warning, framework="nnx")
 
 
 _ATT = "MultiHeadDotProductAttention_0"
@@ -481,7 +481,15 @@ FLAX_MODELS: tuple[FlaxModelDescriptor, ...] = (
     _nnx("nnx_embed", NnxEmbed, (5,), ("embed", "proj", "head"), vocab=11),
 )
 
-BY_NAME = {m.name: m for m in FLAX_MODELS}
+# The linen/NNX models of the classes of issue #6 (tests/models_classes.py). Kept
+# out of FLAX_MODELS, whose tests of the structured/fallback split (test_flax_api)
+# do not apply to them; test_flax_exactness runs both.
+import models_classes  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CLASS_MODELS: tuple[FlaxModelDescriptor, ...] = models_classes.flax_models()
+
+BY_NAME = {m.name: m for m in FLAX_MODELS + CLASS_MODELS}
+assert len(BY_NAME) == len(FLAX_MODELS) + len(CLASS_MODELS), "names must be unique"
 assert not set(BY_NAME) & set(models.BY_NAME), "Flax model names must be new"
 
 

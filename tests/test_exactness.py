@@ -126,8 +126,7 @@ def kernel(model, *, same: bool = False, dtype=jnp.float64, **options):
     return fn(built.params, built.x1, None if same else built.x2)
 
 
-ALL = models.model_params()
-RANK3 = models.model_params(models.RANK3)
+ALL = models.model_params(models.MODELS + models.CLASS_MODELS)
 
 
 # -------------------------------------------------------- reference self-checks ---
@@ -199,8 +198,9 @@ def test_layerwise_sums_to_reference(model):
 
 @pytest.mark.parametrize("model", ALL)
 def test_trace_last_axis(model):
-  k = kernel(model, trace_axes=(-1,))
-  ref = reference(model.name, trace_axes=(-1,))
+  same = model.out_rank == 1  # [N] outputs: the last axis is the batch axis
+  k = kernel(model, same=same, trace_axes=(-1,))
+  ref = reference(model.name, same=same, trace_axes=(-1,))
   assert k.shape == ref.shape
   assert_rel_close(k, ref, TOL64)
 
@@ -231,26 +231,77 @@ def test_trainable_prefix_tree_excluding_one_module(model):
   assert_rel_close(sum(blocks.values()), ref, TOL64)
 
 
-AXES_CASES = [
-    dict(trace_axes=(1,)),
-    dict(diagonal_axes=(1,)),
-    dict(diagonal_axes=(-1,), trace_axes=(1,)),
-    dict(trace_axes=(-1,), diagonal_axes=(0,), same=True),
-    dict(trace_axes=(0, 1), same=True),
-    dict(diagonal_axes=(0, 1, 2), same=True),
-]
+# Trace/diagonal axes on outputs of every rank, the batch axis included (issue #6,
+# class 5: tracing the batch axis of [N, O] outputs was wrong). Cases that trace or
+# diagonalize axis 0 compare x1 with itself (N1 == N2).
+AXES_CASES = {
+    1: [dict(trace_axes=(0,)), dict(diagonal_axes=(0,))],
+    2: [dict(trace_axes=(0,)), dict(trace_axes=(0, -1)), dict(trace_axes=(-1,)),
+        dict(diagonal_axes=(0,)), dict(diagonal_axes=(-1,)), dict(diagonal_axes=(0, 1)),
+        dict(trace_axes=(-1,), diagonal_axes=(0,)), dict(trace_axes=(0,), diagonal_axes=(-1,))],
+    3: [dict(trace_axes=(1,)), dict(diagonal_axes=(1,)),
+        dict(diagonal_axes=(-1,), trace_axes=(1,)), dict(trace_axes=(-1,), diagonal_axes=(0,)),
+        dict(trace_axes=(0, 1)), dict(diagonal_axes=(0, 1, 2)), dict(trace_axes=(0,)),
+        dict(trace_axes=(0, -1)), dict(diagonal_axes=(-1,)),
+        dict(trace_axes=(0,), diagonal_axes=(-1,))],
+    4: [dict(trace_axes=(0,)), dict(trace_axes=(0, -1)), dict(diagonal_axes=(0,)),
+        dict(trace_axes=(1, 2)), dict(trace_axes=(-1,), diagonal_axes=(0,)),
+        dict(trace_axes=(0,), diagonal_axes=(1,))],
+}
+AXES_MODELS = ["c5_rank1", "c5_mlp_rank2", "mlp_mixed_hk_linear", "batchnorm_train",
+               "conv1d_seq", "layernorm_variants", "transformer", "c5_rank4_conv"]
+assert {models.BY_NAME[n].out_rank for n in AXES_MODELS} == set(AXES_CASES)
 
 
-@pytest.mark.parametrize("case", AXES_CASES, ids=lambda c: "-".join(
-    f"{k}{v}" for k, v in sorted(c.items())).replace(" ", ""))
-@pytest.mark.parametrize("model", RANK3)
-def test_axes_rank3_outputs(model, case):
-  case = dict(case)
-  same = case.pop("same", False)
+def _case_id(case) -> str:
+  return "-".join(f"{k}{v}" for k, v in sorted(case.items())).replace(" ", "")
+
+
+def _uses_batch_axis(case) -> bool:
+  return 0 in case.get("trace_axes", ()) + case.get("diagonal_axes", ())
+
+
+def _axes_params():
+  out = []
+  for p in models.model_params([models.BY_NAME[n] for n in AXES_MODELS]):
+    (m,) = p.values
+    out += [pytest.param(m, c, id=f"{m.name}-{_case_id(c)}", marks=p.marks)
+            for c in AXES_CASES[m.out_rank]]
+  return out
+
+
+@pytest.mark.parametrize("model, case", _axes_params())
+def test_axes_every_rank(model, case):
+  same = _uses_batch_axis(case)
   k = kernel(model, same=same, **case)
   ref = reference(model.name, same=same, **case)
   assert k.shape == ref.shape
   assert_rel_close(k, ref, TOL64)
+
+
+BATCH_AXIS_CASES = [dict(trace_axes=(0,)), dict(trace_axes=(0, -1)), dict(diagonal_axes=(0,))]
+
+
+@pytest.mark.parametrize("implementation", ["structured", "ntk_vp", "jacobian"])
+@pytest.mark.parametrize("name, case", [
+    pytest.param(n, c, id=f"{n}-{_case_id(c)}") for n in ("c5_mlp_rank2", "c5_rank1")
+    for c in BATCH_AXIS_CASES if models.BY_NAME[n].out_rank > 1 or len(
+        c.get("trace_axes", ())) < 2])
+def test_batch_axis_every_implementation(name, case, implementation):
+  k = kernel(models.BY_NAME[name], same=True, implementation=implementation, **case)
+  assert_rel_close(k, reference(name, same=True, **case), TOL64)
+
+
+@pytest.mark.parametrize("case", BATCH_AXIS_CASES, ids=_case_id)
+@pytest.mark.parametrize("name", ["c5_mlp_rank2", "conv1d_seq", "c3_center"])
+def test_batch_axis_distinct_x2_of_same_size(name, case):
+  """Traced/diagonal batch axis with ``x2 != x1`` and ``N2 == N1``."""
+  model, built = models.BY_NAME[name], models.build(name)
+  x2 = jax.tree.map(lambda a: 0.7 * a[::-1] + 0.1, built.x1)
+  with models.expect_fallback_warning(model):
+    k = ntklayers.ntk_fn(built.f, **case)(built.params, built.x1, x2)
+  j1, j2 = batch_jacobians(model, built.f, built.params, built.x1, x2)
+  assert_rel_close(k, apply_axes(full_kernel(j1, j2), j1.ndim - 1, **case), TOL64)
 
 
 # ----------------------------------------- option x implementation spot checks ---

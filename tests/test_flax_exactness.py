@@ -57,10 +57,14 @@ KNOWN_BUGS: dict[str, str] = {}
 TRANSFORMERS = {"linen_transformer", "nnx_transformer"}
 AUTO_ONLY = {"linen_cnn", "nnx_cnn", "linen_batchnorm_eval", "nnx_batchnorm_eval"}
 FAST_OPTIONS = {"linen_batchnorm_train", "linen_embed", "nnx_mixed_plain",
-                "nnx_batchnorm_eval"}
+                "nnx_batchnorm_eval",
+                # issue #6 classes (models_classes.py): one per class and framework
+                "linen_c1_tied_variables", "nnx_c1_tied", "linen_c2_prototypes",
+                "nnx_c2_permuted", "linen_c3_center", "nnx_c3_batch_attention"}
+MODELS = models_flax.FLAX_MODELS + models_flax.CLASS_MODELS
 
 
-def _params(models=models_flax.FLAX_MODELS, slow=lambda m: m.slow):
+def _params(models=MODELS, slow=lambda m: m.slow):
   out = []
   for m in models:
     marks = [pytest.mark.slow] if slow(m) else []
@@ -125,14 +129,14 @@ def reference(name: str, *, same: bool = False, trace_axes=(), diagonal_axes=(),
 
 def kernel(name: str, *, same: bool = False, dtype=jnp.float64, **options):
   built = models_flax.build(name, dtype)
-  return built.ntk_fn(**options)(built.x1, None if same else built.x2)
+  with models_flax.models.expect_fallback_warning(models_flax.BY_NAME[name]):
+    return built.ntk_fn(**options)(built.x1, None if same else built.x2)
 
 
 # ----------------------------------------------------------------- tests ---
 
 
-@pytest.mark.parametrize("model", [pytest.param(m, id=m.name)
-                                   for m in models_flax.FLAX_MODELS])
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.name) for m in MODELS])
 def test_descriptor_builds_float64(model):
   """``param_dtype=dtype`` reached every parameter (linen/NNX default to float32)."""
   built = models_flax.build(model.name)
@@ -194,6 +198,18 @@ def test_trainable_callable_without_biases(model):
   assert 0 < n_frozen < len(jax.tree.leaves(params))
   k = kernel(model.name, trainable=no_biases)
   assert_rel_close(k, reference(model.name, mask=mask), TOL64)
+
+
+@pytest.mark.parametrize("case", [dict(trace_axes=(0,)), dict(trace_axes=(0, -1)),
+                                  dict(trace_axes=(0,), diagonal_axes=(-1,))],
+                         ids=["trace0", "trace0-1", "trace0-diag-1"])
+@pytest.mark.parametrize("name", ["linen_mlp", "nnx_mlp"])
+def test_trace_batch_axis_rank2(name, case):
+  """Issue #6, class 5: the batch axis of [N, O] outputs traced (x2 = x1)."""
+  k = kernel(name, same=True, **case)
+  ref = reference(name, same=True, **case)
+  assert k.shape == ref.shape
+  assert_rel_close(k, ref, TOL64)
 
 
 FLOAT32_CASES = [("linen_mlp", "auto"), ("nnx_mlp", "structured"),
