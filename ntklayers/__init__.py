@@ -9,6 +9,7 @@ LayerNorm for their ``ntklayers.haiku`` counterparts), then::
 Parameters of layers that are not annotated are still counted exactly.
 """
 
+from ntklayers import init
 from ntklayers import metrics
 from ntklayers._api import ntk
 from ntklayers._api import ntk_fn
@@ -22,6 +23,10 @@ from ntklayers._rules import DenseConfig
 from ntklayers._rules import Rule
 from ntklayers._rules import ScaleConfig
 from ntklayers._rules import register_rule
+from ntklayers._trainability import TrainabilityError
+from ntklayers._trainability import TrainabilityReport
+from ntklayers._trainability import TrainabilityWarning
+from ntklayers._trainability import check_trainability
 
 __version__ = "0.1.0"
 
@@ -32,8 +37,13 @@ __all__ = (
     "Linear",
     "Rule",
     "ScaleConfig",
+    "TrainabilityError",
+    "TrainabilityReport",
+    "TrainabilityWarning",
     "capture",
+    "check_trainability",
     "contract",
+    "init",
     "metrics",
     "ntk",
     "ntk_fn",
