@@ -362,10 +362,10 @@ def build(name: str, dtype: Any = jnp.float64) -> Built:
   return BY_NAME[name].build(jnp.dtype(dtype))
 
 
-def model_params(models=MODELS):
-  """``pytest.param``s over descriptors, slow ones marked."""
+def model_params(models=MODELS, slow: bool = False):
+  """``pytest.param``s over descriptors, slow ones (or all, with ``slow``) marked."""
   import pytest  # pylint: disable=g-import-not-at-top
-  return [pytest.param(m, id=m.name, marks=[pytest.mark.slow] if m.slow else [])
+  return [pytest.param(m, id=m.name, marks=[pytest.mark.slow] if m.slow or slow else [])
           for m in models]
 
 
