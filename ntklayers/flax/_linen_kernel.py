@@ -116,7 +116,7 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
                          **apply_kwargs)
       return out[0] if mutable else out
     f.__ntk_owner__ = module  # warnings are de-duplicated per module, not per trace
-    return _api.checked(*_api.kernel(f, params, x1, x2, **options))
+    return _api.kernel(f, params, x1, x2, **options)
 
   jitted = jax.jit(body, static_argnums=(5,))
 
@@ -129,6 +129,6 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
     _checks.check_pair(x1, x2)
     rest = {k: v for k, v in variables.items() if k != "params"}
     dynamic, static = _split_kwargs(apply_kwargs)
-    return jitted(variables["params"], rest, x1, x2, dynamic, static)
+    return _api.checked(*jitted(variables["params"], rest, x1, x2, dynamic, static))
 
   return kernel_fn

@@ -65,7 +65,7 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
       finally:
         MODULE_PATHS.reset(token)
     f.__ntk_owner__ = graphdef  # warnings are de-duplicated per model, not per trace
-    return _api.checked(*_api.kernel(f, params, x1, x2, **options))
+    return _api.kernel(f, params, x1, x2, **options)
 
   jitted = jax.jit(body, static_argnums=0)
 
@@ -79,6 +79,6 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
           f"`model` must be an nnx.Module or (graphdef, params, *states) from "
           f"nnx.split; got {type(model).__name__}.")
     _checks.check_pair(x1, x2)
-    return jitted(graphdef, params, tuple(rest), x1, x2)
+    return _api.checked(*jitted(graphdef, params, tuple(rest), x1, x2))
 
   return kernel_fn
