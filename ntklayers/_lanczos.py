@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ntklayers._plan import resolve_trainable
+
 
 def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
                        num_iters: int = 32, key: jax.Array | None = None,
@@ -97,22 +99,6 @@ def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
   return theta
 
 
-def _mask(trainable: Any, params: Any) -> list[bool]:
-  """An optax-style mask (tree of bools, prefix tree or callable) -> bool per leaf."""
-  if trainable is None:
-    return [True] * len(jax.tree.leaves(params))
-  mask = trainable(params) if callable(trainable) else trainable
-  try:
-    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, params,
-                        is_leaf=lambda m: isinstance(m, bool) or m is None)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"`trainable` must be a pytree of bools with the structure of `params` (or a "
-        f"prefix of it); got {jax.tree.structure(mask)} for params "
-        f"{jax.tree.structure(params)}.") from e
-  return list(jax.tree.leaves(full))
-
-
 def ntk_matvec(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
                trainable: Any = None) -> tuple[Callable[[jax.Array], jax.Array], int, Any]:
   """``(matvec, dim, dtype)`` with ``matvec(v) = J (Jᵀ v)`` on flattened outputs.
@@ -123,7 +109,7 @@ def ntk_matvec(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
   transposed and one forward linear pass.
   """
   leaves, treedef = jax.tree.flatten(params)
-  mask = _mask(trainable, params)
+  mask = resolve_trainable(trainable, params)
   if not any(mask):
     raise ValueError("No trainable parameters: every leaf of `params` is masked out "
                      "by `trainable`.")
