@@ -208,8 +208,8 @@ def _stand_in(out: jax.Array, inputs: Any) -> jax.Array:
   """
   dep = jnp.zeros((), out.dtype)
   for a in jax.tree.leaves(inputs):
-    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.number) or (
-        isinstance(a, jax.Array) and a.dtype == jnp.bool_):
+    if isinstance(a, jax.Array) and (jnp.issubdtype(a.dtype, jnp.number)
+                                     or a.dtype == jnp.bool_):
       dep = dep + jnp.sum(a).astype(out.dtype) * jnp.zeros((), out.dtype)
   return jnp.zeros(out.shape, out.dtype) + dep
 
