@@ -111,9 +111,10 @@ def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
     implementation: ``"auto"``, ``"structured"``, ``"ntk_vp"`` or ``"jacobian"``.
     trainable: optax-style mask (pytree of bools or callable); masked-out leaves
       are excluded from the kernel.
-    independent_samples: ``None`` checks whether examples interact (one more
-      random cotangent in the capture's VJP); ``False`` declares that they do
-      (the batch is one sample); ``True`` promises that they do not.
+    independent_samples: ``None`` proves statically, or else checks at run time
+      (one more random cotangent in the capture's VJP), that examples do not
+      interact and layer rows are examples; ``False`` declares that they
+      interact (the batch is one sample); ``True`` promises that they do not.
 
   Returns:
     A :class:`Factors` pytree to pass to :func:`ntklayers.contract`.
