@@ -57,7 +57,10 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
 
   Returns:
     ``kernel_fn(params, x1, x2=None)``; ``x2=None`` means ``x2 = x1``. For outputs
-    ``[N, O]`` and default options the kernel is ``[N1, N2, O, O]``.
+    ``[N, O]`` and default options the kernel is ``[N1, N2, O, O]``. A kernel
+    with NaN or inf values warns (``RuntimeWarning``) when ``kernel_fn`` is
+    called eagerly; inside your own ``jax.jit`` it is returned as is (a host
+    callback there would slow every call of your jitted function).
 
   Example:
     >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers
@@ -138,20 +141,10 @@ def check_options(*, trace_axes, diagonal_axes, implementation, layerwise, train
 
 
 def checked(result, ok):
-  """Reports a non-finite kernel (see :func:`kernel`) and returns it.
-
-  The report is a ``jax.debug.callback`` that runs only when ``ok`` is false, in
-  a small program of its own dispatched after the kernel (inlined when traced),
-  so no call waits on the host for the check and the kernel's own program has
-  no host callback (on CPU one costs about 0.5 ms per call).
-  """
-  _report(ok)
-  return result
-
-
-@jax.jit
-def _report(ok: jax.Array) -> None:
+  """Reports a non-finite kernel (see :func:`kernel` and
+  :func:`ntklayers._contract.report_nonfinite`) and returns it."""
   report_nonfinite(ok)
+  return result
 
 
 def kernel(f: Callable, params: Any, x1: Any, x2: Any, *, trace_axes, diagonal_axes,

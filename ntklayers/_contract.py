@@ -59,12 +59,23 @@ def _warn_nonfinite(ok) -> None:
 
 
 def report_nonfinite(ok: jax.Array) -> None:
-  """Warns if ``ok`` is false: at once when concrete; under a trace, by a host
-  callback in a ``lax.cond`` branch that runs only when ``ok`` is false."""
-  if _jax_compat.is_tracer(ok):
-    lax.cond(ok, lambda: None, lambda: jax.debug.callback(_warn_nonfinite, ok))
-  else:
-    _warn_nonfinite(ok)
+  """Warns if ``ok`` is false, without making the caller wait for ``ok``.
+
+  A concrete ``ok`` is reported by a host callback in a ``lax.cond`` branch
+  that runs only when ``ok`` is false, in a small program of its own dispatched
+  after the kernel. Under an outer trace (inside the user's ``jax.jit``) there
+  is no report: a host callback there would take the user's whole program off
+  jit's fast C++ dispatch path, about 0.7 ms on every call of a CPU train step
+  even with the kernel in an untaken ``lax.cond`` branch
+  (``benchmarks/bench_monitor.py``). The NaN or inf values stay in the kernel.
+  """
+  if not _jax_compat.is_tracer(ok):
+    _report(ok)
+
+
+@jax.jit
+def _report(ok: jax.Array) -> None:
+  lax.cond(ok, lambda: None, lambda: jax.debug.callback(_warn_nonfinite, ok))
 
 
 def contract(cache1: Factors, cache2: Factors | None = None, *,

@@ -397,6 +397,18 @@ def test_nan_warning_under_error_filter_surfaces_as_exception():
       jax.effects_barrier()
 
 
+def test_no_host_callback_inside_user_jit():
+  """Inside the user's jit the kernel carries no effect (a host callback would
+  take the user's whole program off jit's fast dispatch path); NaN stay visible."""
+  built = models.build("mlp_relu")
+  kernel_fn = ntklayers.ntk_fn(built.f)
+  step = lambda p: jax.lax.cond(p is None, lambda p: 0.0, lambda p: jnp.sum(
+      kernel_fn(p, built.x1)), p)
+  assert jax.make_jaxpr(step)(built.params).effects == set()
+  k = jax.jit(kernel_fn)(_with_nan(built.params), built.x1)
+  assert not np.all(np.isfinite(np.asarray(k)))
+
+
 def test_finite_kernel_does_not_warn():
   built = models.build("mlp_relu")
   with warnings.catch_warnings():
