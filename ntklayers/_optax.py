@@ -25,6 +25,7 @@ import optax
 from ntklayers import _api
 from ntklayers import _lanczos
 from ntklayers import _metrics
+from ntklayers import _similarity
 
 Metric = str | Callable[[jax.Array], jax.Array]
 DEFAULT_METRICS = ("lambda_max", "lambda_min", "condition_number", "trace",
@@ -88,7 +89,7 @@ def _named_metric(name: str, loss: str, probe_y: Any, num_classes: int | None):
     if probe_y is None:
       raise ValueError(f"Metric {name!r} needs the probe targets: pass `probe_y`.")
     centered = name == "centered_alignment"
-    return lambda K: _metrics.alignment(K, probe_y, centered, num_classes=num_classes)
+    return lambda K: _similarity.alignment(K, probe_y, centered, num_classes=num_classes)
   raise ValueError(f"Unknown metric {name!r}; named metrics are {_NAMED}, or pass a "
                    f"callable K -> scalar (in a dict {{name: fn}} for a lambda).")
 
@@ -137,11 +138,12 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
   trainable=..., **ntk_options)(params, probe_x)`` and each metric of ``K``;
   stores the latest values and a ring buffer of the last ``history`` records.
 
-  Cost per record: one kernel plus, for the spectral metrics, one
-  eigendecomposition of the ``[N·O, N·O]`` matrix, shared by all of them (XLA
-  merges the identical ``eigh`` calls). On CPU the latter dominates: for
-  ``N·O = 640`` about 10 ms for the kernel of the example's MLP, 100-400 ms for
-  ``eigh`` (see ``benchmarks/bench_monitor.py``); ``trace`` alone needs none.
+  Cost per record: one kernel plus, for the spectral metrics, one eigenvalue
+  computation of the ``[N·O, N·O]`` matrix shared by all of them (XLA merges
+  the identical calls; no eigenvectors). On 2 CPU cores, for the example's MLP
+  and ``N·O = 640``: about 5 ms for the kernel, 12 ms for the eigenvalues;
+  ``trace`` alone needs none. The other steps pay only the ``lax.cond``
+  (``benchmarks/bench_monitor.py``).
 
   Args:
     f: ``f(params, x) -> [N, O]`` (e.g. a Haiku ``apply``), as for ``ntk_fn``.
@@ -191,7 +193,7 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
   def measure(K, kernel0):
     out = {}
     for name in names:
-      v = _metrics.relative_change(K, kernel0) if fns[name] is None else fns[name](K)
+      v = _similarity.relative_change(K, kernel0) if fns[name] is None else fns[name](K)
       v = jnp.asarray(v)
       if v.shape:
         raise ValueError(f"Metric {name!r} must return a scalar, got shape {v.shape}.")

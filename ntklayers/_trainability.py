@@ -23,6 +23,7 @@ import numpy as np
 
 from ntklayers import _api
 from ntklayers import _metrics
+from ntklayers import _similarity
 
 
 class TrainabilityWarning(UserWarning):
@@ -99,8 +100,8 @@ def _values(K: jax.Array, y: Any, *, loss: str, num_classes: int | None) -> dict
          "max_stable_lr": _metrics.max_stable_lr(K, loss=loss),
          "effective_rank": _metrics.effective_rank(K), "trace": _metrics.trace(K)}
   if y is not None:
-    out["alignment"] = _metrics.alignment(K, y, False, num_classes=num_classes)
-    out["centered_alignment"] = _metrics.alignment(K, y, True, num_classes=num_classes)
+    out["alignment"] = _similarity.alignment(K, y, False, num_classes=num_classes)
+    out["centered_alignment"] = _similarity.alignment(K, y, True, num_classes=num_classes)
   return out
 
 

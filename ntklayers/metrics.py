@@ -20,7 +20,6 @@ Example:
 from ntklayers._lanczos import lambda_max_matrix_free
 from ntklayers._lanczos import lanczos_lambda_max
 from ntklayers._lanczos import ntk_matvec
-from ntklayers._metrics import alignment
 from ntklayers._metrics import condition_number
 from ntklayers._metrics import effective_rank
 from ntklayers._metrics import eigvalsh
@@ -28,8 +27,9 @@ from ntklayers._metrics import flatten
 from ntklayers._metrics import lambda_max
 from ntklayers._metrics import lambda_min
 from ntklayers._metrics import max_stable_lr
-from ntklayers._metrics import relative_change
 from ntklayers._metrics import trace
+from ntklayers._similarity import alignment
+from ntklayers._similarity import relative_change
 
 __all__ = (
     "alignment",

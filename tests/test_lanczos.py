@@ -13,6 +13,7 @@ import scipy.linalg
 
 import ntklayers
 import ntklayers.metrics as nm
+from ntklayers._lanczos import symmetric_eigenvalues
 from reference import flat_jacobian
 
 REL = 1e-6
@@ -42,6 +43,24 @@ def test_dense_operator_matches_eigh(kind):
   lam_few, bound_few = dense(a)(num_iters=12)
   assert float(lam_few) <= expected * (1 + 1e-12)  # a Rayleigh quotient: never above
   assert abs(float(lam_few) - expected) <= float(bound_few) * (1 + 1e-6) + 1e-9
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+@pytest.mark.parametrize("dim", [1, 2, 17, 90])
+def test_symmetric_eigenvalues_match_scipy(dim, dtype, tol):
+  rng = np.random.default_rng(dim)
+  b = rng.normal(size=(dim, max(dim // 2, 1)))  # PSD, rank-deficient beyond dim 2
+  a = (b @ b.T + (rng.normal(size=(dim, dim)) if dim % 2 else 0)).astype(dtype)
+  a = (a + a.T) / 2
+  expected = scipy.linalg.eigh(a.astype(np.float64), eigvals_only=True)
+  got = np.asarray(jax.jit(symmetric_eigenvalues)(jnp.asarray(a)))
+  assert got.dtype == dtype
+  np.testing.assert_allclose(got, expected, rtol=0, atol=tol * np.abs(expected).max())
+  # The tangent is that of eigh: dλ_i = v_iᵀ dA v_i.
+  grad = jax.grad(lambda m: jnp.sum(symmetric_eigenvalues(m) ** 2))(jnp.asarray(a))
+  ref = jax.grad(lambda m: jnp.sum(jnp.linalg.eigvalsh(m, symmetrize_input=False) ** 2))(
+      jnp.asarray(a))
+  np.testing.assert_allclose(grad, ref, rtol=0, atol=tol * 10 * np.abs(ref).max())
 
 
 def test_converges_before_dim():
