@@ -16,7 +16,7 @@ dispatch to ``block_until_ready`` of its last step, divided by ``every``: the
 mean step. Blocks of the two steps are interleaved (plain, monitored, plain,
 ...) for ``--rounds`` rounds so both see the same machine load. ``kernel`` is
 the jitted ``ntk_fn`` call alone on the probe batch, ``kernel+metrics`` the
-monitor's whole record (kernel, eigendecomposition, metrics), each the median
+monitor's whole record (kernel, eigenvalues, metrics), each the median
 of ``--rounds`` calls interleaved with the blocks.
 
 Target (issue 7): ``monitored ≤ 1.10 × plain + kernel+metrics / every``, judged

@@ -5,7 +5,8 @@
   updates unchanged, keeps a ring-buffer history, and the step compiles once;
 * the stability bound ``max_stable_lr`` (MSE, full-batch GD): exact for the
   linearized model (0.9x converges, 1.5x diverges); for the nonlinear MLP 0.9x
-  converges monotonically while 1.5x is unstable (the loss at least doubles);
+  converges monotonically, and 1.5x diverges or converges only once the NTK has
+  shrunk to the edge of stability (``max_stable_lr`` of the final params = lr);
 * the guard keeps 3x the bound from diverging.
 """
 
@@ -200,8 +201,9 @@ def problem(seed):
   return net, x, y, params, bound
 
 
-def gd_losses(apply, params, x, y, lr, steps=300, tx=None):
-  """Full-batch losses ``1/N Σ ½‖f − y‖²`` of ``steps`` steps of ``tx`` (default SGD)."""
+def gd(apply, params, x, y, lr, steps=300, tx=None):
+  """``steps`` steps of ``tx`` (default SGD) on ``1/N Σ ½‖f − y‖²``: final params
+  and the full-batch loss before each step."""
   tx = optax.sgd(lr) if tx is None else tx
   loss = lambda p: 0.5 * jnp.mean(jnp.sum((apply(p, x) - y) ** 2, -1))
 
@@ -211,7 +213,12 @@ def gd_losses(apply, params, x, y, lr, steps=300, tx=None):
     u, s = tx.update(g, s, p)
     return (optax.apply_updates(p, u), s), val
 
-  return jax.lax.scan(body, (params, tx.init(params)), None, length=steps)[1]
+  (final, _), losses = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+  return final, losses
+
+
+def gd_losses(*args, **kwargs):
+  return gd(*args, **kwargs)[1]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -227,14 +234,24 @@ def test_bound_is_exact_for_the_linearized_model(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bound_holds_for_the_mlp(seed):
-  """0.9x: monotone to < 1 % of the initial loss; 1.5x: the loss at least doubles
-  within 50 steps (it then diverges or "catapults" to a flatter region where the
-  kernel is smaller, Lewkowycz et al. 2020, so divergence is not guaranteed)."""
+  """0.9x: monotone to < 1 % of the initial loss. 1.5x: the loss at least doubles
+  within 50 steps, then GD diverges (seed 1) or "catapults" (Lewkowycz et al.
+  2020): it converges only after the NTK has shrunk until ``max_stable_lr`` of
+  the final params equals the lr (within 5 %, the edge of stability of Cohen et
+  al. 2021). Over seeds 0-7: 2 diverge, 6 end at 0.988-1.043x."""
   net, x, y, params, bound = problem(seed)
-  run = jax.jit(lambda lr: gd_losses(net.apply, params, x, y, lr))
-  good, bad = np.asarray(run(0.9 * bound)), np.asarray(run(1.5 * bound))
+  run = jax.jit(lambda lr: gd(net.apply, params, x, y, lr))
+  good, bad = run(0.9 * bound)[1], run(1.5 * bound)
+  good = np.asarray(good)
   assert good[-1] < 0.01 * good[0] and good.max() <= good[0]
-  assert np.nanmax(bad[:50]) > 2 * bad[0]
+  final_params, losses = bad
+  losses = np.asarray(losses)
+  assert np.nanmax(losses[:50]) > 2 * losses[0]
+  if np.isfinite(losses[-1]) and losses[-1] < losses[0]:  # caught by the catapult
+    final = nm.max_stable_lr(ntklayers.ntk_fn(net.apply)(final_params, x), loss="mean")
+    assert abs(float(final) / (1.5 * bound) - 1) < 0.05
+  else:
+    assert seed == 1 and not np.isfinite(losses[-1])
 
 
 @pytest.mark.parametrize("method", ["kernel", "lanczos"])
