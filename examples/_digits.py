@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.datasets import load_digits
+
+import ntklayers.datasets
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -30,13 +31,10 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def load_data(n: int) -> tuple[np.ndarray, np.ndarray]:
   """The first ``n`` digits, standardized per feature: ``x [n, 64]``, labels ``[n]``."""
-  digits = load_digits()
-  x = digits.data.astype(np.float64)
-  std = x.std(axis=0)
-  x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)  # constant pixels stay 0
-  if not 0 < n <= len(x):
-    raise SystemExit(f"--n must be in [1, {len(x)}], got {n}")
-  return x[:n].astype(np.float32), digits.target[:n]
+  try:
+    return ntklayers.datasets.load_digits(n)
+  except ValueError:
+    raise SystemExit(f"--n must be in [1, 1797], got {n}") from None
 
 
 def steady_time(fn, *args, repeats: int) -> tuple[float, float, jax.Array]:
