@@ -1,0 +1,136 @@
+"""The ``ntklayers`` command line: ``demo``, ``bench``, ``nas`` and their errors.
+
+Runs ``ntklayers._cli.main`` in-process on tiny settings (one compile each), and
+``python -m ntklayers --help`` once in a subprocess for the module entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from ntklayers import _cli
+from ntklayers import _nas_search
+from ntklayers import _nas_space
+from ntklayers import _stats
+
+
+def test_demo_writes_pngs_and_exits_zero(tmp_path, capsys):
+  out = tmp_path / "pngs"
+  code = _cli.main(["demo", "--n", "12", "--width", "8", "--depth", "1",
+                    "--n-compare", "4", "--repeats", "1", "--out", str(out)])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "NTK shape (12, 12, 10, 10)" in printed and "condition number" in printed
+  for name in ("ntk_heatmap.png", "ntk_spectrum.png"):
+    with open(out / name, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # The Jacobian baseline agrees with the structured kernel (float32 here).
+  rel = float(printed.split("max relative difference ")[1].split()[0])
+  assert rel < 1e-5
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["demo", "--n", "0"], "argument --n: must be >= 1, got 0"),
+    (["demo", "--framework", "torch"], "invalid choice: 'torch'"),
+    (["demo", "--width", "wide"], "expected int, got 'wide'"),
+    (["bench", "--model", "resnet"], "invalid choice: 'resnet'"),
+    (["nope"], "invalid choice: 'nope'"),
+    ([], "required: {demo,bench,nas}"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
+  with pytest.raises(SystemExit) as e:
+    _cli.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert fragment in err and err.count("\n") == 1 and "--help" in err
+
+
+def test_runtime_error_exits_1_with_one_line(tmp_path, capsys):
+  assert _cli.main(["demo", "--n", "5000", "--out", str(tmp_path)]) == 1
+  err = capsys.readouterr().err
+  assert err == "ntklayers demo: error: `n` must be an int in [1, 1797], got 5000.\n"
+  assert _cli.main(["bench", "--repeats", "0"]) == 1
+  assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_prints_the_table(capsys):
+  assert _cli.main(["bench", "--model", "mlp", "--n", "2", "--methods", "auto",
+                    "jacobian", "--repeats", "1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  rows = {line.split()[0]: line.split() for line in lines[3:]}
+  assert set(rows) == {"auto", "jacobian"} and float(rows["auto"][-1]) < 1e-5
+
+
+def test_module_entry_point_help():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-m", "ntklayers", "--help"], capture_output=True,
+                        text=True, env=env, timeout=120, check=False)
+  assert done.returncode == 0 and "{demo,bench,nas}" in done.stdout
+
+
+# ------------------------------------------------------------- nas parts ---
+
+
+def test_search_space_is_varied():
+  space = _nas_space.search_space()
+  assert len(space) >= 24 and len(set(space)) == len(space)
+  assert {a.kind for a in space} == {"mlp", "cnn"}
+  assert len({a.depth for a in space}) >= 3 and len({a.act for a in space}) >= 2
+  assert {a.norm for a in space} == {None, "layer"}
+  assert set(_nas_space.search_space(quick=True)) <= set(space)
+
+
+def test_params_and_flops_of_an_mlp():
+  arch = _nas_space.Arch("mlp", 1, 16, "relu")
+  assert _nas_space.num_params(arch) == 64 * 16 + 16 + 16 * 10 + 10
+  flops = _nas_space.forward_flops(arch)
+  assert 2 * (64 * 16 + 16 * 10) <= flops < 4 * (64 * 16 + 16 * 10)
+
+
+def test_training_is_deterministic_and_learns():
+  from ntklayers import _data
+  x, y = _data.load_digits(400)
+  data = _data.split(x, y, test_fraction=0.25, seed=0)
+  arch = _nas_space.Arch("mlp", 1, 16, "tanh")
+  recipe = _nas_space.Recipe(steps=60, batch=32, lr=1e-2)
+  # optax.adam's bias correction raises an int32 count to a float power, which
+  # this suite's strict dtype promotion rejects (an optax matter, see conftest).
+  with jax.numpy_dtype_promotion("standard"):
+    a = _nas_space.train_accuracy(arch, data, [0, 1], recipe)
+    b = _nas_space.train_accuracy(arch, data, [0, 1], recipe)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (2,) and a.min() > 0.5
+
+
+@pytest.mark.parametrize("stat,ref", [(_stats.kendall_tau, stats.kendalltau),
+                                      (_stats.spearman_rho, stats.spearmanr)])
+def test_rank_correlations_match_scipy(stat, ref):
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=30)
+  b = a + rng.normal(size=30)
+  b[:3] = b[3]  # ties
+  np.testing.assert_allclose(stat(a, b), ref(a, b).statistic, rtol=1e-12)
+  c = _stats.bootstrap(stat, a, b, samples=200)
+  assert c.low <= c.value <= c.high and c.high - c.low > 0.05
+
+
+def test_correlation_table_of_synthetic_rows():
+  archs = _nas_space.search_space()[:6]
+  rows = [_nas_search.Row(a, 100 * i, 1e3 * i, {"te_nas_kappa": 10.0 - i, "kappa": 5.0,
+                                                 "trace_norm": float(i), "alignment": 0.1},
+                          "", np.asarray([0.5 + 0.05 * i, 0.5 + 0.05 * i]), 1.0)
+          for i, a in enumerate(archs)]
+  corr = _nas_search.correlations(rows)
+  assert corr["trace_norm"]["kendall"].value == pytest.approx(1.0)
+  assert corr["te_nas_kappa"]["spearman"].value == pytest.approx(-1.0)
+  assert np.isnan(corr["kappa"]["kendall"].value)  # constant score: no ranking
+  ranking, table = _nas_search.tables(rows, corr)
+  assert ranking.splitlines()[2].startswith(archs[-1].name)  # best accuracy first
+  assert "trace_norm" in table and "params" in table and "flops" in table
