@@ -138,8 +138,10 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = lambda s: No
   import ntklayers.plot  # pylint: disable=g-import-not-at-top
   os.makedirs(args.out, exist_ok=True)
   paths = [os.path.join(args.out, name) for name in ("ntk_heatmap.png", "ntk_spectrum.png")]
-  ntklayers.plot.heatmap(K, labels, path=paths[0],
-                         title=f"NTK of {args.n} digits, sorted by label")
+  k_mean = jnp.einsum("nmoo->nm", K) / K.shape[-1]  # = trace_axes=(-1,): [N, N]
+  d = jnp.sqrt(jnp.diagonal(k_mean))
+  ntklayers.plot.heatmap(k_mean / d[:, None] / d[None, :], labels, path=paths[0],
+                         title="NTK (mean over logits), K_ij / sqrt(K_ii K_jj)")
   ntklayers.plot.spectrum(ev, paths[1])
   print("wrote " + ", ".join(paths))
   out["paths"] = paths

@@ -49,7 +49,7 @@ def _labels(labels: ArrayLike | None, n: int) -> np.ndarray | None:
 
 
 def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
-                 title: str | None) -> None:
+                 title: str | None, percentile: float = 99.0) -> None:
   mat = np.asarray(_metrics.flatten(K))
   n = np.shape(K)[0]
   per = mat.shape[0] // n  # rows per example (O)
@@ -60,7 +60,9 @@ def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
     order = np.argsort(lab, kind="stable")
     rows = (order[:, None] * per + np.arange(per)).ravel()
     mat, lab = mat[np.ix_(rows, rows)], lab[order]
-  vmax = float(np.max(np.abs(mat))) or 1.0
+  # A few outlying examples (large inputs) would wash out the rest: the colour
+  # range is symmetric and ends at a percentile of |K|; larger entries saturate.
+  vmax = float(np.percentile(np.abs(mat), percentile)) or float(np.max(np.abs(mat))) or 1.0
   im = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
   fig.colorbar(im, ax=ax, shrink=0.8)
   if lab is not None:
@@ -81,7 +83,8 @@ def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
 
 
 def heatmap(K: ArrayLike, labels: ArrayLike | None = None, ax: Any = None,
-            path: str | os.PathLike[str] | None = None, *, title: str | None = "NTK") -> Any:
+            path: str | os.PathLike[str] | None = None, *, title: str | None = "NTK",
+            percentile: float = 99.0) -> Any:
   """Heatmap of the flattened kernel, samples sorted by label, class boundaries marked.
 
   Args:
@@ -92,6 +95,8 @@ def heatmap(K: ArrayLike, labels: ArrayLike | None = None, ax: Any = None,
     ax: optional matplotlib ``Axes`` to draw into (its figure is returned).
     path: save the figure as a PNG here.
     title: axes title.
+    percentile: the colour range is ``±`` this percentile of ``|K|`` (100: the
+      maximum); larger entries saturate, so outliers do not wash out the rest.
 
   Returns:
     The :class:`matplotlib.figure.Figure`.
@@ -103,7 +108,7 @@ def heatmap(K: ArrayLike, labels: ArrayLike | None = None, ax: Any = None,
     'Figure'
   """
   fig = _figure(figsize=(5, 4.2)) if ax is None else ax.get_figure()
-  _draw_kernel(fig, fig.add_subplot() if ax is None else ax, K, labels, title)
+  _draw_kernel(fig, fig.add_subplot() if ax is None else ax, K, labels, title, percentile)
   return _finish(fig, path)
 
 
