@@ -77,7 +77,7 @@ def evaluate(space: list[_nas_space.Arch], *, seeds: int, steps: int, probe: int
     result = scorer(arch.fn)
     acc = _nas_space.train_accuracy(arch, data, list(range(seeds)), recipe)
     rows.append(Row(arch, _nas_space.num_params(arch), _nas_space.forward_flops(arch),
-                    {s: float(result.mean[s]) if s in result.mean else float("nan")
+                    {s: float(result.means[s]) if s in result.means else float("nan")
                      for s in SCORES},
                     result.reason if result.rejected else "", acc,
                     time.perf_counter() - start))
