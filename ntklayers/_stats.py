@@ -55,7 +55,7 @@ def bootstrap(stat, a: np.ndarray, b: np.ndarray, *, samples: int = 1000,
     (1.0, 1.0, 1.0)
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  ok = np.isfinite(a) & np.isfinite(b)
+  ok = ~(np.isnan(a) | np.isnan(b))  # ±inf ranks last/first (e.g. κ of a singular NTK)
   a, b = a[ok], b[ok]
   if a.size < 3:
     return Correlation(float("nan"), float("nan"), float("nan"))

@@ -119,6 +119,12 @@ def test_rank_correlations_match_scipy(stat, ref):
   np.testing.assert_allclose(stat(a, b), ref(a, b).statistic, rtol=1e-12)
   c = _stats.bootstrap(stat, a, b, samples=200)
   assert c.low <= c.value <= c.high and c.high - c.low > 0.05
+  # inf (a singular kernel's κ) is a rank like any other; NaN pairs are dropped.
+  a_inf, a_nan = a.copy(), a.copy()
+  a_inf[a.argmax()], a_nan[0] = np.inf, np.nan
+  assert _stats.bootstrap(stat, a_inf, b, samples=10).value == pytest.approx(stat(a, b))
+  assert _stats.bootstrap(stat, a_nan, b, samples=10).value == pytest.approx(
+      stat(a[1:], b[1:]))
 
 
 def test_correlation_table_of_synthetic_rows():
