@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers import _checks
+from ntklayers._capture import capture_with, prepare
 from ntklayers._contract import all_finite, contract_unchecked, report_nonfinite
-from ntklayers._factors import capture_with, prepare
+from ntklayers._options import Options, StaticKwargs, split_kwargs
 
 KernelFn = Callable[..., "jax.Array | dict[str, jax.Array]"]
 
@@ -23,8 +23,9 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
            implementation: str = "auto",
            layerwise: bool = False,
            trainable: Any = None,
-           independent_samples: bool | None = None) -> KernelFn:
-  """Returns ``kernel_fn(params, x1, x2=None)`` computing the exact empirical NTK.
+           independent_samples: bool | None = None,
+           precision: str = "highest") -> KernelFn:
+  """Returns ``kernel_fn(params, x1, x2=None, **model_kwargs)``, the exact empirical NTK.
 
   ``Theta(x1, x2) = J(x1) J(x2)^T`` where ``J`` is the Jacobian of ``f`` with
   respect to (the trainable leaves of) ``params``. Annotated layers
@@ -54,9 +55,14 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
       are examples, and otherwise treats the batch as one sample (exact, ``N * O``
       backward passes); ``False`` treats the batch as one sample; ``True``
       promises independence and skips the checks.
+    precision: matrix-product precision of the contractions, ``"highest"``,
+      ``"high"`` or ``"default"`` (or a ``jax.lax.Precision``).
 
   Returns:
-    ``kernel_fn(params, x1, x2=None)``; ``x2=None`` means ``x2 = x1``. For outputs
+    ``kernel_fn(params, x1, x2=None, **model_kwargs)``; ``x2=None`` means
+    ``x2 = x1``; ``model_kwargs`` are passed to ``f(params, x, **model_kwargs)``
+    (neural-tangents' ``**apply_fn_kwargs``, e.g. ``is_training=False``): array
+    leaves are traced, other leaves are static and must be hashable. For outputs
     ``[N, O]`` and default options the kernel is ``[N1, N2, O, O]``. A kernel
     with NaN or inf values warns (``RuntimeWarning``) when ``kernel_fn`` is
     called eagerly; inside your own ``jax.jit`` it is returned as is (a host
@@ -73,71 +79,41 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
     (4, 4, 2, 2)
   """
   f = _checks.check_f(f)
-  options = check_options(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-                          implementation=implementation, layerwise=layerwise,
-                          trainable=trainable, independent_samples=independent_samples)
-  key = _Options(**{k: _Static(v) if k == "trainable" else v for k, v in options.items()})
+  options = Options.create(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                           implementation=implementation, layerwise=layerwise,
+                           trainable=trainable, independent_samples=independent_samples,
+                           precision=precision)
 
-  def kernel_fn(params: Any, x1: Any, x2: Any = None):
+  def kernel_fn(params: Any, x1: Any, x2: Any = None, **model_kwargs: Any):
     _checks.check_pair(x1, x2)
-    result, ok = _jitted_kernel(f, key, params, x1, x2)
+    dynamic, static = split_kwargs(model_kwargs)
+    result, ok = _jitted_kernel(f, options, static, params, x1, x2, dynamic)
     return checked(result, ok)
 
-  kernel_fn.__doc__ = "kernel_fn(params, x1, x2=None) -> NTK; see ntklayers.ntk_fn."
+  kernel_fn.__doc__ = ("kernel_fn(params, x1, x2=None, **model_kwargs) -> NTK; see "
+                       "ntklayers.ntk_fn.")
   return kernel_fn
 
 
-class _Static:
-  """A hashable stand-in for an option value (a pytree of bools, a callable, None)."""
-
-  def __init__(self, value: Any):
-    self.value = value
-    leaves, treedef = jax.tree.flatten(value)
-    try:
-      self._key = (treedef, tuple(leaves))
-      hash(self._key)
-    except TypeError:  # unhashable leaves: compare by identity
-      self._key = (id(value),)
-
-  def __hash__(self) -> int:
-    return hash(self._key)
-
-  def __eq__(self, other: Any) -> bool:
-    return isinstance(other, _Static) and self._key == other._key
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _jitted_kernel(f: Callable, options: Options, static: StaticKwargs, params: Any,
+                   x1: Any, x2: Any, dynamic: list):
+  """One compiled kernel per model ``f``, options, static model kwargs and input
+  shapes, shared by every ``ntk_fn(f, ...)`` and ``ntk(f, ...)`` call (JAX's jit
+  cache holds them)."""
+  return kernel(with_kwargs(f, static.merge(dynamic)), params, x1, x2, options)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Options:
-  trace_axes: tuple[int, ...]
-  diagonal_axes: tuple[int, ...]
-  implementation: str
-  layerwise: bool
-  trainable: _Static
-  independent_samples: bool | None
+def with_kwargs(f: Callable, kwargs: dict[str, Any]) -> Callable:
+  """``f`` with extra keyword arguments bound (warnings still name ``f``'s owner)."""
+  if not kwargs:
+    return f
 
+  def bound(params, x):
+    return f(params, x, **kwargs)
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _jitted_kernel(f: Callable, options: _Options, params: Any, x1: Any, x2: Any):
-  """One compiled kernel per model ``f``, options and input shapes, shared by every
-  ``ntk_fn(f, ...)`` and ``ntk(f, ...)`` call (JAX's jit cache holds them)."""
-  opts = {k.name: getattr(options, k.name) for k in dataclasses.fields(options)}
-  opts["trainable"] = options.trainable.value
-  return kernel(f, params, x1, x2, **opts)
-
-
-def check_options(*, trace_axes, diagonal_axes, implementation, layerwise, trainable,
-                  independent_samples) -> dict[str, Any]:
-  """Validates the options of :func:`ntk_fn` eagerly; returns them normalized."""
-  _checks.check_implementation(implementation)
-  if not isinstance(layerwise, bool):
-    raise TypeError(f"`layerwise` must be a bool, got {layerwise!r}.")
-  if independent_samples not in (None, True, False):
-    raise TypeError(f"`independent_samples` must be None or a bool, got "
-                    f"{independent_samples!r}.")
-  trace_axes, diagonal_axes = _checks.check_axes_pair(trace_axes, diagonal_axes)
-  return dict(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-              implementation=implementation, layerwise=layerwise, trainable=trainable,
-              independent_samples=independent_samples)
+  bound.__ntk_owner__ = getattr(f, "__ntk_owner__", f)
+  return bound
 
 
 def checked(result, ok):
@@ -147,26 +123,24 @@ def checked(result, ok):
   return result
 
 
-def kernel(f: Callable, params: Any, x1: Any, x2: Any, *, trace_axes, diagonal_axes,
-           implementation, layerwise, trainable, independent_samples):
+def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options):
   """``contract(capture(x1), capture(x2))``, the body of every kernel function.
 
   Both batches are discovered first and share one plan. Returns
   ``(kernel, all_finite)``; pass them to :func:`checked`.
   """
   xs = (x1,) if x2 is None else (x1, x2)
-  setup = prepare(f, params, xs, implementation=implementation, trainable=trainable,
-                  independent_samples=independent_samples)
+  setup = prepare(f, params, xs, implementation=options.implementation,
+                  trainable=options.mask, independent_samples=options.independent_samples)
   c1 = capture_with(setup, params, x1)
   c2 = None if x2 is None else capture_with(setup, params, x2)
-  result = contract_unchecked(c1, c2, trace_axes=trace_axes,
-                              diagonal_axes=diagonal_axes, layerwise=layerwise)
+  result = contract_unchecked(c1, c2, options)
   return result, all_finite(result)
 
 
 def ntk(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: Any = None,
         **options: Any) -> jax.Array | dict[str, jax.Array]:
-  """One-shot ``ntk_fn(f, **options)(params, x1, x2)``.
+  """One-shot ``ntk_fn(f, **options)(params, x1, x2)`` (options as :func:`ntk_fn`).
 
   Example:
     >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers

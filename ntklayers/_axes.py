@@ -23,7 +23,18 @@ import jax.numpy as jnp
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def _normalize(axes: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+def normalize_axes(axes: int | Sequence[int] | slice, ndim: int,
+                   name: str = "axes") -> tuple[int, ...]:
+  """Absolute, sorted, distinct axes of an array of rank ``ndim`` (the one axis
+  normalizer of ntklayers: kernel options and layer descriptions use it).
+
+  Args:
+    axes: an int, a sequence of ints (negative ones count from the end) or a slice.
+    ndim: the rank the axes refer to.
+    name: the argument's name in error messages.
+  """
+  if isinstance(axes, slice):
+    return tuple(range(ndim)[axes])
   if isinstance(axes, int):
     axes = (axes,)
   try:
@@ -34,8 +45,8 @@ def _normalize(axes: int | Sequence[int], ndim: int, name: str) -> tuple[int, ..
   for a in axes:
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"`{name}`={axes} is out of range for model outputs of rank {ndim} "
-          f"(axis 0 is the batch axis).")
+          f"`{name}`={axes} is out of range for rank {ndim} (for kernel options: "
+          f"model outputs, whose axis 0 is the batch axis).")
     out.append(a % ndim)
   if len(set(out)) != len(out):
     raise ValueError(f"`{name}`={axes} repeats an axis.")
@@ -51,17 +62,20 @@ class OutputSpec:
     shape2: output shape for the second batch, ``[N2, *rest]``.
     trace_axes: normalized traced axes.
     diagonal_axes: normalized diagonal axes.
+    precision: matrix-product precision of the contractions (``lax.Precision`` name).
   """
 
   shape1: tuple[int, ...]
   shape2: tuple[int, ...]
   trace_axes: tuple[int, ...]
   diagonal_axes: tuple[int, ...]
+  precision: str = "highest"
 
   @classmethod
   def create(cls, shape1: Sequence[int], shape2: Sequence[int],
              trace_axes: int | Sequence[int] = (),
-             diagonal_axes: int | Sequence[int] = ()) -> "OutputSpec":
+             diagonal_axes: int | Sequence[int] = (),
+             precision: str = "highest") -> "OutputSpec":
     shape1, shape2 = tuple(shape1), tuple(shape2)
     ndim = len(shape1)
     if len(shape2) != ndim or shape1[1:] != shape2[1:]:
@@ -70,8 +84,8 @@ class OutputSpec:
           f"axis; got {shape1} and {shape2}.")
     if ndim + len(shape2) > len(_LETTERS):
       raise ValueError(f"Model outputs of rank {ndim} are not supported (max 13).")
-    trace = _normalize(trace_axes, ndim, "trace_axes")
-    diag = _normalize(diagonal_axes, ndim, "diagonal_axes")
+    trace = normalize_axes(trace_axes, ndim, "trace_axes")
+    diag = normalize_axes(diagonal_axes, ndim, "diagonal_axes")
     if set(trace) & set(diag):
       raise ValueError(
           f"An axis cannot be both traced and diagonal: trace_axes={trace_axes}, "
@@ -80,7 +94,7 @@ class OutputSpec:
       raise ValueError(
           f"Tracing or taking the diagonal over the batch axis needs equal batch "
           f"sizes, got N1={shape1[0]} (`x1`) and N2={shape2[0]} (`x2`).")
-    return cls(shape1, shape2, trace, diag)
+    return cls(shape1, shape2, trace, diag, precision)
 
   @property
   def ndim(self) -> int:

@@ -1,398 +1,326 @@
-"""Capture sessions: find annotated layer calls and cache their factors.
+"""``capture``: the cached factors of one batch, as a pytree.
 
-Framework adapters (``ntklayers.haiku``, ``ntklayers.flax``) install interceptors
-that call :func:`tap` for every annotated layer call while a session is active.
-Outside a session :func:`tap` is never reached (the interceptors are not
-installed), so annotated layers cost nothing extra.
-
-A capture runs ``f`` twice:
-
-1. *discovery* under ``jax.make_jaxpr``: records every annotated call, the
-   parameter leaves it reads (matched by identity against the traced ``params``),
-   its shapes, and whether it can be captured here (no inner transform, a rule
-   exists, its rows lead with the batch axis). Each capturable call returns a
-   stand-in that depends on the layer's inputs but not on its parameters, so the
-   data flow of the traced program tells which parameter leaves the output
-   depends on *outside* the captured calls (a tied decoder reading the encoder's
-   weights, a bias reused elsewhere): those leaves go to the exact fallback.
-2. *capture* under ``jax.vjp`` with a zero perturbation added to each captured
-   layer output; the layer inputs come back as auxiliary outputs and one
-   ``vmap``-ed VJP over a basis of output cotangents yields every cotangent.
-
-Row ``m`` of a layer is assumed to belong to example ``m`` only when it is
-verified: in ``"checked"`` mode one more, random cotangent ``r`` rides along in
-the same ``vmap`` and its layer cotangents must equal ``sum_o r[m, o] g[o, m]``
-(see :func:`capture_cotangents`).
+The cache holds, per structured group, the canonical primals and cotangents of
+each call; per fallback leaf its per-example Jacobian (when the Jacobian route
+was chosen); and the ``params`` and inputs (for NTK-vector products). All
+structure metadata is static (pytree aux data), so caches pass through
+``jax.jit`` and can be contracted many times (``contract``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ContextManager
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ntklayers import _checks, _jax_compat
+from ntklayers import _checks, _jax_compat, _replay, _session
+from ntklayers._discovery import Traced, discover, outside
+from ntklayers._options import Options
+from ntklayers._fallback import check_jacobians, choose, jacobians
+from ntklayers._plan import (Plan, captured_calls, forward_flops, make_plan,
+                             resolve_trainable, warn_once)
+from ntklayers._replay import capture_cotangents
 from ntklayers._rules import get_rule
 
-InterceptorFactory = Callable[[], ContextManager[Any]]
-
-# Skip reason of annotated layers without parameters (nothing to fall back).
-NO_PARAMS = "it owns no parameters"
-
-_INTERCEPTORS: list[InterceptorFactory] = []
-_SESSION: contextvars.ContextVar["_Session | None"] = contextvars.ContextVar(
-    "ntklayers_session", default=None)
-
-
-def register_interceptor(factory: InterceptorFactory) -> None:
-  """Registers a context-manager factory entered around ``f`` during capture."""
-  if factory not in _INTERCEPTORS:
-    _INTERCEPTORS.append(factory)
-
-
-def capturing() -> bool:
-  """Whether a capture session is active (for adapters)."""
-  return _SESSION.get() is not None
-
-
 @dataclasses.dataclass(frozen=True)
-class CallRecord:
-  """Static description of one annotated layer call, found by discovery.
+class CaptureMeta:
+  """Static part of a :class:`Factors` cache.
 
   Attributes:
-    name: module path of the layer (used for layerwise kernels and warnings).
-    kind: registered rule kind.
-    config: the rule's static config record.
-    leaves: ``((role, leaf_index), ...)`` of the ``params`` leaves it reads.
-    primal: ``(shape, dtype)`` of the cached primal.
-    out: ``(shape, dtype)`` of the layer output.
-    skip: why the call cannot be captured (``None`` if it can).
+    f: the model.
+    plan: structured groups and fallback leaves.
+    out_shape: output shape of ``f`` on this batch.
+    fallback_method: ``"jacobian"`` or ``"ntk_vp"``.
+    implementation: the requested implementation.
+    mode: ``"independent"``, ``"checked"`` or ``"coupled"`` (``_capture``).
   """
 
-  name: str
-  kind: str
-  config: Any
-  leaves: tuple[tuple[str, int], ...]
-  primal: tuple[tuple[int, ...], Any]
-  out: tuple[tuple[int, ...], Any]
-  skip: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Discovery:
-  """What one discovery run found.
-
-  Attributes:
-    records: every annotated call, in call order.
-    coupled: modules that declared that samples interact (BatchNorm in training).
-    out_shape: output shape of ``f``.
-    out_dtype: output dtype of ``f``.
-    replaced: indices of the calls whose outputs were replaced by stand-ins.
-    outside: indices of the ``params`` leaves the output depends on other than
-      through the direct parameter use of a replaced call.
-  """
-
-  records: tuple[CallRecord, ...]
-  coupled: tuple[str, ...]
+  f: Callable
+  plan: Plan
   out_shape: tuple[int, ...]
-  out_dtype: Any
-  replaced: frozenset[int] = frozenset()
-  outside: frozenset[int] = frozenset()
+  fallback_method: str
+  implementation: str
+  mode: str = _replay.INDEPENDENT
+  out_dtype: Any = None
+
+  def signature(self):
+    return (self.f, self.plan.groups, self.plan.fallback, self.out_shape[1:],
+            self.plan.coupled, self.fallback_method)
 
 
-class _Session:
-  """State of one run of ``f`` under capture."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Factors:
+  """Cached NTK factors of one batch; build with :func:`ntklayers.capture`.
 
-  def __init__(self, mode: str, *, batch: int, leaf_ids: Mapping[int, int] | None = None,
-               plan: tuple[CallRecord, ...] = (), perts: tuple = (),
-               replace: frozenset[int] | None = None):
-    self.mode = mode
-    self.batch = batch
-    self.leaf_ids = leaf_ids or {}
-    self.replace = replace
-    self.replaced: list[int] = []
-    self.plan = plan
-    self.perts = iter(perts)
-    self.records: list[CallRecord] = []
-    self.coupled: list[str] = []
-    self.primals: list[jnp.ndarray] = []
-    self.counter = 0
-    self.trace = None
-
-  @contextlib.contextmanager
-  def activate(self) -> Iterator["_Session"]:
-    token = _SESSION.set(self)
-    self.trace = _jax_compat.trace_state()
-    try:
-      with contextlib.ExitStack() as stack:
-        for factory in _INTERCEPTORS:
-          stack.enter_context(factory())
-        yield self
-    finally:
-      _SESSION.reset(token)
-
-  def _skip_reason(self, kind, config, params, primal, out,
-                   unsupported) -> tuple[str | None, tuple]:
-    if _jax_compat.trace_state() != self.trace:
-      return ("it runs inside an inner JAX transform of the model (scan, vmap, "
-              "remat/checkpoint, jit, e.g. hk.scan, hk.layer_stack, nn.scan, "
-              "nnx.remat)"), ()
-    if unsupported:
-      return unsupported, ()
-    rule = get_rule(kind)
-    if rule is None:
-      return f"no structure rule is registered for kind {kind!r}", ()
-    reason = rule.unsupported(config, tuple(primal.shape))
-    if reason:
-      return reason, ()
-    if primal.ndim == 0 or out.ndim == 0 or primal.shape[0] != self.batch or \
-        out.shape[0] != self.batch:
-      return (f"its input {tuple(primal.shape)} / output {tuple(out.shape)} do not "
-              f"lead with the batch axis of size {self.batch}"), ()
-    leaves = []
-    for role in rule.roles:
-      if role not in params:
-        continue
-      idx = self.leaf_ids.get(id(params[role]))
-      if idx is None:
-        return (f"its parameter {role!r} is not a leaf of `params` (transformed "
-                f"before use, e.g. by a custom getter or mixed precision)"), ()
-      leaves.append((role, idx))
-    if not leaves:
-      return NO_PARAMS, ()
-    return None, tuple(leaves)
-
-  def tap(self, kind, config, name, params, primal, out, unsupported=None, inputs=()):
-    if self.mode == "discover":
-      skip, leaves = self._skip_reason(kind, config, params, primal, out, unsupported)
-      index = len(self.records)
-      self.records.append(CallRecord(
-          name=name, kind=kind, config=config, leaves=leaves,
-          primal=(tuple(primal.shape), primal.dtype),
-          out=(tuple(out.shape), out.dtype), skip=skip))
-      captured = skip is None if self.replace is None else index in self.replace
-      if not captured:
-        return out
-      self.replaced.append(index)
-      return _stand_in(out, (primal, inputs))
-    if self.counter >= len(self.plan):
-      raise RuntimeError(
-          f"ntklayers: the model made more annotated layer calls during capture "
-          f"than during discovery ({len(self.plan)}); `f` must be deterministic "
-          f"in its Python control flow.")
-    rec = self.plan[self.counter]
-    self.counter += 1
-    if rec.name != name or rec.kind != kind:
-      raise RuntimeError(
-          f"ntklayers: annotated call {self.counter} was {rec.name!r} during "
-          f"discovery but {name!r} during capture.")
-    if rec.skip is not None:
-      return out
-    self.primals.append(primal)
-    return out + next(self.perts)
-
-
-def _stand_in(out: jax.Array, inputs: Any) -> jax.Array:
-  """Zeros like ``out`` that depend (in the traced data flow) on ``inputs`` only.
-
-  Used in discovery in place of a captured layer's output: the parameters the
-  layer reads directly are cut off, every other path into its output (through
-  its inputs) is kept.
+  Attributes:
+    layers: per structured group, per call, canonical ``(primal, cotangent)``
+      with a leading stack axis ``S`` (the parameter slices of a scanned stack of
+      layers; ``S = 1`` otherwise): affine ``x: [S, Nx, T, G, I]``,
+      ``g: [S, N, O, T, G, J]``; scale ``x: [S, Nx, T, C]``, ``g: [S, N, O, T, C]``.
+    fallback_jacobians: per fallback leaf, ``[N, O, P]`` (empty when the fallback
+      uses NTK-vector products).
+    params: the parameters the factors were captured at.
+    inputs: the batch.
+    verified: scalar bool; in ``"checked"`` mode whether every layer row and
+      every per-example Jacobian was confirmed to belong to its example (if not,
+      :func:`ntklayers.contract` recomputes treating the batch as one sample).
+    meta: static structure (plan, output shape, methods).
   """
-  dep = jnp.zeros((), out.dtype)
-  for a in jax.tree.leaves(inputs):
-    if isinstance(a, jax.Array) and (jnp.issubdtype(a.dtype, jnp.number)
-                                     or a.dtype == jnp.bool_):
-      dep = dep + jnp.sum(a).astype(out.dtype) * jnp.zeros((), out.dtype)
-  return jnp.zeros(out.shape, out.dtype) + dep
+
+  layers: tuple
+  fallback_jacobians: tuple
+  params: Any
+  inputs: Any
+  verified: Any
+  meta: CaptureMeta = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def batch_size(self) -> int:
+    return self.meta.out_shape[0]
+
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    return tuple(g.name for g in self.meta.plan.groups)
 
 
-def tap(*, kind: str, config: Any, name: str, params: Mapping[str, jax.Array],
-        primal: jax.Array, out: jax.Array, unsupported: str | None = None,
-        inputs: Any = ()) -> jax.Array:
-  """Reports one annotated layer call to the active capture session.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything decided before capturing: the plan, output, mode and method."""
+
+  f: Callable
+  plan: Plan
+  out_dtype: Any
+  out_rest: tuple[int, ...]
+  mode: str
+  method: str
+  implementation: str
+  check_layers: bool = True
+  traced: tuple[Traced, ...] = dataclasses.field(default=(), compare=False)
+  interceptors: tuple = ()
+
+
+def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
+            implementation: str = "auto", trainable: Any = None,
+            independent_samples: bool | None = None) -> Factors:
+  """Captures the NTK factors of ``f`` at ``params`` on the batch ``x``.
 
   Args:
-    kind: registered rule kind (``"dense"``, ``"conv"``, ``"scale"``, ...).
-    config: the rule's static config record (hashable).
-    name: module path, e.g. ``"mlp/~/linear_1"``.
-    params: the parameter arrays the layer used, by role (``{"w": w, "b": b}``).
-    primal: the factor the rule needs from the input side (``[M, ...]``).
-    out: the layer output ``[M, ...]``.
-    unsupported: a reason why this configuration has no rule; the layer's
-      parameters then go to the exact fallback (with a one-time warning).
-    inputs: every array the call received (a pytree); with ``primal`` this must
-      cover everything ``out`` depends on besides ``params``.
+    f: ``f(params, x) -> [N, ...]``, e.g. ``hk.without_apply_rng(hk.transform(fn)).apply``.
+    params: parameters of ``f``.
+    x: a batch (array or pytree of arrays, all with leading axis ``N``).
+    implementation: ``"auto"``, ``"structured"``, ``"ntk_vp"`` or ``"jacobian"``.
+    trainable: optax-style mask (pytree of bools or callable); masked-out leaves
+      are excluded from the kernel.
+    independent_samples: ``None`` proves statically, or else checks at run time
+      (one more random cotangent in the capture's VJP), that examples do not
+      interact and layer rows are examples; ``False`` declares that they
+      interact (the batch is one sample); ``True`` promises that they do not.
 
   Returns:
-    ``out``, plus a zero perturbation while capturing.
+    A :class:`Factors` pytree to pass to :func:`ntklayers.contract`.
+
+  Example:
+    >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers
+    >>> net = hk.without_apply_rng(hk.transform(lambda x: ntklayers.Linear(3)(x)))
+    >>> params = net.init(jax.random.key(0), jnp.ones((4, 5)))
+    >>> cache = ntklayers.capture(net.apply, params, jnp.ones((4, 5)))
+    >>> ntklayers.contract(cache, cache).shape
+    (4, 4, 3, 3)
   """
-  session = _SESSION.get()
-  if session is None:
-    return out
-  return session.tap(kind, config, name, params, primal, out, unsupported, inputs)
+  implementation = Options.create(implementation=implementation).implementation
+  f = _checks.check_f(f)
+  setup = prepare(f, params, (x,), implementation=implementation, trainable=trainable,
+                  independent_samples=independent_samples)
+  return capture_with(setup, params, x)
 
 
-def declare_coupled(name: str) -> None:
-  """Reports a module that makes samples interact (e.g. BatchNorm in training)."""
-  session = _SESSION.get()
-  if session is not None and session.mode == "discover":
-    session.coupled.append(name)
+def prepare(f: Callable, params: Any, xs: tuple, *, implementation: str, trainable: Any,
+            independent_samples: bool | None) -> Setup:
+  """Discovers the layers of ``f`` on every batch in ``xs`` and makes one plan.
 
-
-def batch_size(x: Any) -> int:
-  return jax.tree.leaves(x)[0].shape[0]
-
-
-def discover(f: Callable, params: Any, x: Any,
-             replace: frozenset[int] | None = None) -> Discovery:
-  """Traces ``f`` once and records every annotated layer call.
-
-  Args:
-    f: the model, ``f(params, x) -> [N, ...]``.
-    params: parameters (arrays or abstract values).
-    x: the batch.
-    replace: indices of the calls to replace by stand-ins; ``None`` replaces every
-      call that can be captured.
+  Calls that cannot be captured on one batch are not captured on any, so both
+  sides of a kernel share the plan. The dependency analysis is repeated (without
+  tracing again) until the captured calls are exactly those it assumed.
   """
-  n = batch_size(x)
-  sessions = []
-
-  def run(params, x):
-    ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
-    session = _Session("discover", batch=n, leaf_ids=ids, replace=replace)
-    sessions.append(session)
-    with session.activate():
-      return f(params, x)
-
-  try:
-    out, mask = _jax_compat.output_dependencies(run, params, x)
-  except Exception as e:  # pylint: disable=broad-except
-    _checks.note_failure(e, params, x)
-    raise
-  session = sessions[-1]
-  if not isinstance(out, jax.ShapeDtypeStruct):
-    raise TypeError(
-        f"`f` must return a single array; got outputs with structure "
-        f"{jax.tree.structure(out)}.")
-  if out.ndim == 0 or out.shape[0] != n:
-    x_shapes = jax.tree.map(lambda a: tuple(a.shape), x)
-    hint = (" Every leaf of `x` needs a leading batch axis (e.g. `x[None]` for one "
-            "example)" if any(a.ndim < 2 for a in jax.tree.leaves(x)) else "")
-    raise ValueError(
-        f"The output of `f` must lead with the batch axis of `x` (size {n}); got "
-        f"output shape {out.shape} for x shapes {x_shapes}.{hint}")
-  if not _jax_compat.is_inexact(out.dtype):
-    raise TypeError(f"The output of `f` must be floating, got dtype {out.dtype}.")
-  n_params = len(jax.tree.leaves(params))
-  outside = frozenset(i for i in range(n_params) if mask >> i & 1)
-  return Discovery(tuple(session.records), tuple(session.coupled),
-                   tuple(out.shape), out.dtype, frozenset(session.replaced), outside)
-
-
-# Modes of a capture: rows are examples (asserted by the user), rows are examples
-# if a random check in the same VJP confirms it, or the batch is one sample.
-INDEPENDENT, CHECKED, COUPLED = "independent", "checked", "coupled"
-_CHECK_SEED = 20240607
-
-
-def check_tolerance(dtype: Any) -> float:
-  """Relative tolerance of the alignment check: ``sqrt(eps)`` of ``dtype``."""
-  return float(jnp.finfo(dtype).eps) ** 0.5
-
-
-def check_cotangent(out_shape: tuple[int, ...], dtype: Any) -> jax.Array:
-  """The fixed random output cotangent ``r`` ``[N, *rest]`` of the checks.
-
-  Drawn with NumPy at trace time and embedded as a constant: XLA would spend
-  seconds constant-folding ``jax.random`` on a constant key.
-  """
-  r = np.random.default_rng(_CHECK_SEED).standard_normal(out_shape)
-  return jnp.asarray(r.astype(np.dtype(dtype)))
-
-
-def agree(actual: jax.Array, predicted: jax.Array, tol: float) -> jax.Array:
-  """``max|actual - predicted| <= tol * max(max|actual|, max|predicted|)``; NaN fails."""
-  scale = jnp.maximum(jnp.max(jnp.abs(actual)), jnp.max(jnp.abs(predicted)))
-  return jnp.max(jnp.abs(actual - predicted)) <= tol * scale
-
-
-def rows_proven(f: Callable, params: Any, x: Any, plan: tuple[CallRecord, ...],
-                n: int) -> bool:
-  """Whether the capture's forward pass provably keeps rows apart: row ``n`` of the
-  output is the same function of row ``n`` of ``x`` and of every captured layer's
-  output perturbation (``_jax_compat.rows_are_examples``, a static analysis of the
-  traced program; ``False`` when it cannot tell)."""
-  active = [r for r in plan if r.skip is None]
-  perts = tuple(jax.ShapeDtypeStruct((n, *r.out[0][1:]), r.out[1]) for r in active)
-
-  def fwd(batched, params):
-    perts, x = batched
-    session = _Session("capture", batch=n, plan=plan, perts=perts)
-    with session.activate():
-      return f(params, x)
-
-  return _jax_compat.rows_are_examples(fwd, (perts, x), params)
-
-
-def capture_cotangents(f: Callable, params: Any, x: Any, plan: tuple[CallRecord, ...],
-                       out_shape: tuple[int, ...], out_dtype: Any, mode: str,
-                       check: bool = True):
-  """Returns per-captured-call ``(record, primal, cotangent)`` and a check flag.
-
-  Cotangents are ``[B, *y_shape]`` with ``B = O`` (one-hot output columns over
-  all examples at once) or, in ``"coupled"`` mode, ``B = N * O``.
-
-  In ``"checked"`` mode the ``vmap`` carries one more cotangent, the random
-  ``r [N, O]``. If every row ``m`` of every captured layer affects example ``m``
-  only, its layer cotangent equals ``sum_o r[m, o] g[o, m]``; if some row affects
-  another example (rows that are not the examples, examples that interact after
-  the layer), the two differ for all ``r`` outside a set of measure zero. The
-  flag (a boolean array) says whether they agree to ``sqrt(eps)`` relative; it is
-  ``True`` in the other modes, or when ``check`` is false (rows proven apart).
-  """
-  check = check and mode == CHECKED
-  active = [r for r in plan if r.skip is None]
-  n = out_shape[0]
-  # Captured rows lead with the batch axis; records may come from another batch.
-  perts = tuple(jnp.zeros((n, *r.out[0][1:]), r.out[1]) for r in active)
-
-  def fwd(perts):
-    session = _Session("capture", batch=n, plan=plan, perts=perts)
-    with session.activate():
-      out = f(params, x)
-    if session.counter != len(plan):
-      raise RuntimeError(
-          f"ntklayers: the model made {session.counter} annotated layer calls "
-          f"during capture but {len(plan)} during discovery.")
-    return out, tuple(session.primals)
-
-  _, vjp_fn, primals = jax.vjp(fwd, perts, has_aux=True)
-  o = math.prod(out_shape[1:])
-  if mode == COUPLED:
-    basis = jnp.eye(n * o, dtype=out_dtype).reshape((n * o, *out_shape))
+  _checks.check_params(params)
+  for k, x in enumerate(xs):
+    _checks.check_batch(x, "x" if len(xs) == 1 else f"x{k + 1}")
+  hooks = _session.interceptors()
+  traced = tuple(discover(f, params, x, hooks) for x in xs)
+  mask = resolve_trainable(trainable, params)
+  structured = implementation in ("auto", "structured")
+  coupled = any(t.coupled for t in traced) or independent_samples is False
+  records = _merge_records(f, traced)
+  if records is None:
+    structured, records = False, traced[0].records
+  captured = frozenset(r.path for r in records if r.skip is None) if structured else (
+      frozenset())
+  for _ in range(len(records) + 1):
+    out_leaves = frozenset().union(*(outside(t, captured) for t in traced))
+    plan = make_plan(records, params, mask, structured, coupled, out_leaves, f)
+    now = frozenset(plan.records[k].path for k in captured_calls(plan))
+    if now == captured:
+      break
+    captured = now
+  else:  # pragma: no cover - the captured set only shrinks
+    raise RuntimeError("ntklayers: discovery did not converge; please report this model.")
+  if independent_samples is True:
+    mode = _replay.INDEPENDENT
+  elif coupled:
+    mode = _replay.COUPLED
   else:
-    eye = jnp.eye(o, dtype=out_dtype).reshape((o, 1, *out_shape[1:]))
-    basis = jnp.broadcast_to(eye, (o, *out_shape))
-  if check:
-    r = check_cotangent(out_shape, out_dtype)
-    basis = jnp.concatenate([basis, r[None]])
-  (cots,) = jax.vmap(vjp_fn)(basis)
-  ok = jnp.asarray(True)
-  if check:
-    tol = check_tolerance(out_dtype)
-    r = r.reshape(n, o)
-    for c in cots:
-      cb, cr = c[:o], c[o]
-      pred = jnp.einsum("no,onk->nk", r, cb.reshape((o, n, -1)),
-                        precision="highest").reshape(cr.shape)
-      ok = ok & agree(cr, pred, tol)
-    cots = tuple(c[:o] for c in cots)
-  return list(zip(active, primals, cots)), ok
+    mode = _replay.CHECKED
+  out_shape, out_dtype = traced[0].out_shape, traced[0].out_dtype
+  n, n_out = out_shape[0], math.prod(out_shape[1:])
+  if implementation in ("jacobian", "structured"):
+    method = "jacobian"
+  elif implementation == "ntk_vp":
+    method = "ntk_vp"
+  else:
+    leaves = jax.tree.leaves(params)
+    n_fb = sum(leaves[i].size for g in plan.fallback for i in g.leaves)
+    itemsize = jnp.dtype(out_dtype).itemsize
+    method = choose(n, n_out, n_fb, itemsize, forward_flops(plan.records, params))
+  check_layers = bool(plan.groups)
+  if mode == _replay.CHECKED and check_layers:
+    # A static proof that rows stay apart makes the runtime check unnecessary.
+    check_layers = not all(
+        _replay.rows_proven(t, params, x, _active(plan, t)) for t, x in zip(traced, xs))
+  check_jacobians = method == "jacobian" and bool(plan.fallback)
+  if mode == _replay.CHECKED and not (check_layers or check_jacobians):
+    mode = _replay.INDEPENDENT  # proven, or whole-batch NTK-vector products only
+  return Setup(f, plan, out_dtype, out_shape[1:], mode, method, implementation,
+               check_layers, traced, hooks)
+
+
+def _active(plan: Plan, traced: Traced) -> list:
+  """The captured calls of ``plan``, as recorded on ``traced``'s batch."""
+  return [traced.records[k] for k in sorted(captured_calls(plan))]
+
+
+def _merge_records(f, discs):
+  """One record per call, skipped if it is skipped on any batch; ``None`` if the
+  batches made different calls (Python control flow that depends on the batch)."""
+  first = discs[0].records
+  for d in discs[1:]:
+    if [(r.name, r.kind, r.path) for r in d.records] != [
+        (r.name, r.kind, r.path) for r in first]:
+      warn_once(f, "*", "the model calls different annotated layers on `x1` and `x2`")
+      return None
+  merged = []
+  for k, r in enumerate(first):
+    others = [d.records[k] for d in discs[1:]]
+    skip = next((o.skip for o in others if o.skip is not None), None)
+    if skip is None and any((o.leaves, o.stack) != (r.leaves, r.stack) for o in others):
+      skip = "it reads different parameters on `x1` and `x2`"
+    if r.skip is None and skip is not None:
+      r = dataclasses.replace(r, skip=skip, leaves=())
+    merged.append(r)
+  return tuple(merged)
+
+
+def capture_with(setup: Setup, params: Any, x: Any, mode: str | None = None) -> Factors:
+  """Captures the factors of one batch under a prepared plan (traceable)."""
+  mode = setup.mode if mode is None else mode
+  plan = setup.plan
+  n = _checks.batch_size(x)
+  out_shape = (n, *setup.out_rest)
+  n_out = math.prod(setup.out_rest)
+  coupled = mode == _replay.COUPLED
+  verified = jnp.asarray(True)
+  layers = ()
+  if plan.groups:
+    traced = _traced_for(setup, params, x)
+    captured, verified = capture_cotangents(traced, params, x, _active(plan, traced),
+                                            mode, setup.check_layers)
+    layers = tuple(
+        tuple(_canonical(traced.records[k], *captured[traced.records[k].path], n, n_out,
+                         coupled) for k in g.calls)
+        for g in plan.groups)
+  fb_leaves = tuple(i for g in plan.fallback for i in g.leaves)
+  fb_jac = ()
+  if fb_leaves and setup.method == "jacobian":
+    fb_jac = tuple(jacobians(setup.f, params, x, fb_leaves, not coupled, n_out))
+    if mode == _replay.CHECKED:
+      verified = verified & check_jacobians(setup.f, params, x, fb_leaves, fb_jac,
+                                            out_shape, setup.out_dtype)
+  meta = CaptureMeta(setup.f, plan, out_shape, setup.method, setup.implementation, mode,
+                     setup.out_dtype)
+  return Factors(layers, fb_jac, params, x, verified, meta)
+
+
+def _traced_for(setup: Setup, params: Any, x: Any) -> Traced:
+  """The traced program of ``x``'s batch: from discovery when it was traced in this
+  same computation on the same shapes, else traced again."""
+  avals = [(a.shape, a.dtype) for a in jax.tree.leaves(x)]
+  for t in setup.traced:
+    invars = t.jaxpr.jaxpr.invars[t.n_params:]
+    if [(tuple(v.aval.shape), v.aval.dtype) for v in invars] == avals and not any(
+        _stale(c) for c in t.jaxpr.consts):
+      return t
+  return discover(setup.f, params, x, setup.interceptors or _session.interceptors())
+
+
+def _stale(const: Any) -> bool:
+  """A constant of a traced program that may belong to another (finished) trace."""
+  return _jax_compat.is_tracer(const)
+
+
+def recapture_coupled(cache: Factors) -> Factors:
+  """The factors of ``cache``'s batch recaptured with the batch as one sample."""
+  m = cache.meta
+  setup = Setup(m.f, m.plan, m.out_dtype, m.out_shape[1:], _replay.COUPLED,
+                m.fallback_method, m.implementation, False)
+  return capture_with(setup, cache.params, cache.inputs)
+
+
+def _canonical(record, primal, cot, n: int, n_out: int, coupled: bool):
+  """Canonical ``(x [S, Nx, T, ...], g [S, N, O, T, ...])`` of one call.
+
+  ``primal`` is ``[*loops, M, ...]`` and ``cot`` ``[B, *loops, M, ...]``. Loops
+  that slice the parameters become the stack axis ``S``; loops that reuse them
+  are folded into the sharing axis ``T`` (cross terms between steps included).
+  """
+  rule = get_rule(record.kind)
+  cfg = record.config
+  loops = record.loops
+  if not loops:
+    xc, gc = rule.canonicalize(cfg, primal, cot)
+    xc, gc = xc[None], gc[None]
+  else:
+    nl = len(loops)
+    p = primal.reshape((record.steps,) + primal.shape[nl:])
+    c = cot.reshape((cot.shape[0], record.steps) + cot.shape[1 + nl:])
+    xc, gc = jax.vmap(lambda a, b: rule.canonicalize(cfg, a, b), in_axes=(0, 1))(p, c)
+    xc = _split_loops(xc.reshape(loops + xc.shape[1:]), record, 0)
+    gc = _split_loops(gc.reshape(loops + gc.shape[1:]), record, 1)
+  m, t = xc.shape[1:3]
+  s = xc.shape[0]
+  if not coupled:  # gc: [S, O, N, T, ...] -> [S, N, O, T, ...]
+    return xc, jnp.swapaxes(gc, 1, 2)
+  # Samples interact: rows of the layer are a sharing axis of every example.
+  xc = xc.reshape((s, 1, m * t) + xc.shape[3:])
+  gc = gc.reshape((s, n, n_out, m * t) + gc.shape[4:])
+  return xc, gc
+
+
+def _split_loops(a: jax.Array, record, lead: int) -> jax.Array:
+  """``[*loops, (B,) M, T, ...]`` -> ``[S, (B,) M, R * T, ...]``: slicing loops to
+  the front (flattened), reusing loops ``R`` merged into the sharing axis ``T``."""
+  nl = len(record.loops)
+  stacked = list(record.stack)
+  reused = [k for k in range(nl) if k not in stacked]
+  rows = list(range(nl, nl + lead + 1))  # (B,) M
+  rest = list(range(nl + lead + 1, a.ndim))  # T, ...
+  a = jnp.transpose(a, stacked + rows + reused + rest)
+  s = math.prod(record.loops[k] for k in stacked)
+  r = math.prod(record.loops[k] for k in reused)
+  shape = a.shape
+  head = shape[len(stacked):len(stacked) + lead + 1]
+  tail = shape[len(stacked) + lead + 1 + len(reused):]
+  return a.reshape((s, *head, r * tail[0], *tail[1:]))

@@ -10,8 +10,6 @@ import numpy as np
 
 from ntklayers import _jax_compat
 
-IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
-
 
 def _shapes(tree: Any) -> Any:
   return jax.tree.map(lambda a: tuple(np.shape(a)), tree)
@@ -19,35 +17,6 @@ def _shapes(tree: Any) -> Any:
 
 def _dtype(a: Any) -> Any:
   return a.dtype if hasattr(a, "dtype") else np.result_type(a)
-
-
-def check_implementation(implementation: Any) -> None:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
-
-
-def check_axes_pair(trace_axes: Any, diagonal_axes: Any) -> tuple[tuple[int, ...],
-                                                                 tuple[int, ...]]:
-  """Both axis options as tuples; an axis named by both is refused at once (negative
-  and positive names of one axis are caught when the output rank is known)."""
-  trace = check_axes(trace_axes, "trace_axes")
-  diag = check_axes(diagonal_axes, "diagonal_axes")
-  both = sorted(set(trace) & set(diag))
-  if both:
-    raise ValueError(
-        f"An axis cannot be both traced and diagonal: trace_axes={trace}, "
-        f"diagonal_axes={diag} share {both}.")
-  return trace, diag
-
-
-def check_axes(value: Any, name: str) -> tuple[int, ...]:
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-    return (int(value),)
-  if isinstance(value, Sequence) and not isinstance(value, str) and all(
-      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in value):
-    return tuple(int(a) for a in value)
-  raise TypeError(f"`{name}` must be an int or a sequence of ints, got {value!r}.")
 
 
 def check_params(params: Any) -> None:
@@ -77,6 +46,27 @@ def check_batch(x: Any, name: str) -> int:
   if n == 0:
     raise ValueError(f"`{name}` is an empty batch (shape {_shapes(x)}).")
   return n
+
+
+def batch_size(x: Any) -> int:
+  """The leading axis of the first leaf of ``x`` (checked by :func:`check_batch`)."""
+  return jax.tree.leaves(x)[0].shape[0]
+
+
+def check_output(out: Any, n: int, x: Any) -> None:
+  """The output of ``f`` must be one floating array leading with the batch axis."""
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise TypeError(
+        f"`f` must return a single array; got outputs with structure "
+        f"{jax.tree.structure(out)}.")
+  if out.ndim == 0 or out.shape[0] != n:
+    hint = (" Every leaf of `x` needs a leading batch axis (e.g. `x[None]` for one "
+            "example)" if any(np.ndim(a) < 2 for a in jax.tree.leaves(x)) else "")
+    raise ValueError(
+        f"The output of `f` must lead with the batch axis of `x` (size {n}); got "
+        f"output shape {out.shape} for x shapes {_shapes(x)}.{hint}")
+  if not _jax_compat.is_inexact(out.dtype):
+    raise TypeError(f"The output of `f` must be floating, got dtype {out.dtype}.")
 
 
 def check_pair(x1: Any, x2: Any) -> None:

@@ -16,38 +16,26 @@ import jax.numpy as jnp
 
 from jax import lax
 
-from ntklayers import _capture, _checks, _jax_compat
-from ntklayers import _contractions as C
+from ntklayers import _jax_compat, _replay
+from ntklayers import _ops as C
 from ntklayers._axes import OutputSpec
-from ntklayers._factors import Factors, recapture_coupled
+from ntklayers._capture import Factors, recapture_coupled
 from ntklayers._fallback import ntk_vp_kernel
-
-
-# Per-example Jacobian of each canonical op, and its (weight, offset) roles.
-_JACOBIANS = {"affine": (C.affine_jacobian, ("w", "b")),
-              "scale": (C.scale_jacobian, ("scale", "offset"))}
-
-
-def _sum_jac(op, calls, roles):
-  """``sum_calls J`` (weight sharing: Jacobians of all calls add up)."""
-  fn, (weight, offset) = _JACOBIANS[op]
-  return sum(fn(x, g, weight in roles, offset in roles) for x, g in calls)
+from ntklayers._options import Options
 
 
 def _group_kernel(spec: OutputSpec, group, calls1, calls2, same: bool) -> jax.Array:
-  with_w, with_b = "w" in group.roles, "b" in group.roles
-  use_jacobians = group.op == "scale" or not with_w
-  if not use_jacobians:
-    shapes1 = [(x.shape, g.shape) for x, g in calls1]
-    shapes2 = [(x.shape, g.shape) for x, g in calls2]
-    act, jac = C.affine_costs(spec, shapes1, shapes2, same)
-    use_jacobians = jac < act
-  if use_jacobians:
-    j1 = _sum_jac(group.op, calls1, group.roles)
-    j2 = j1 if same else _sum_jac(group.op, calls2, group.roles)
-    return C.jacobian_kernel(spec, j1, j2)
-  return sum(C.affine_activation_kernel(spec, x1, g1, x2, g2, with_w, with_b)
-             for x1, g1 in calls1 for x2, g2 in calls2)
+  """One group's block: its op's kernel, summed over the stack axis ``S`` (one
+  parameter slice per step of a scanned stack of layers)."""
+  op = group.op
+  if calls1[0][0].shape[0] == 1:
+    def unstack(calls):
+      return [(x[0], g[0]) for x, g in calls]
+    c1 = unstack(calls1)
+    return op.kernel(spec, group.roles, c1, c1 if same else unstack(calls2), same)
+  blocks = jax.vmap(lambda c1, c2: op.kernel(spec, group.roles, c1, c2, same))(
+      list(calls1), list(calls2))
+  return blocks.sum(axis=0)
 
 
 def _warn_nonfinite(ok) -> None:
@@ -81,7 +69,8 @@ def _report(ok: jax.Array) -> None:
 def contract(cache1: Factors, cache2: Factors | None = None, *,
              trace_axes: int | Sequence[int] = (),
              diagonal_axes: int | Sequence[int] = (),
-             layerwise: bool = False) -> jax.Array | dict[str, jax.Array]:
+             layerwise: bool = False,
+             precision: str = "highest") -> jax.Array | dict[str, jax.Array]:
   """Contracts two caches of factors into the NTK ``Theta(x1, x2)``.
 
   Glossary of shapes: ``N1``, ``N2`` batch sizes; model outputs ``[N, *rest]``.
@@ -92,6 +81,7 @@ def contract(cache1: Factors, cache2: Factors | None = None, *,
     trace_axes: output axes contracted and averaged (neural-tangents convention).
     diagonal_axes: output axes on which only ``i1 == i2`` is kept.
     layerwise: return ``{module name: kernel}`` summing to the full kernel.
+    precision: matrix-product precision, as in :func:`ntklayers.ntk_fn`.
 
   Returns:
     ``[N1, N2, O, O]`` for outputs ``[N, O]`` with the defaults; in general axes
@@ -107,16 +97,15 @@ def contract(cache1: Factors, cache2: Factors | None = None, *,
     >>> ntklayers.contract(c1, c2, trace_axes=(-1,)).shape
     (3, 5)
   """
-  result = contract_unchecked(cache1, cache2, trace_axes=trace_axes,
-                              diagonal_axes=diagonal_axes, layerwise=layerwise)
+  options = Options.create(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                           layerwise=layerwise, precision=precision)
+  result = contract_unchecked(cache1, cache2, options)
   report_nonfinite(all_finite(result))
   return result
 
 
-def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
-                       trace_axes: int | Sequence[int] = (),
-                       diagonal_axes: int | Sequence[int] = (),
-                       layerwise: bool = False) -> jax.Array | dict[str, jax.Array]:
+def contract_unchecked(cache1: Factors, cache2: Factors | None,
+                       options: Options) -> jax.Array | dict[str, jax.Array]:
   """:func:`contract` without the NaN/inf report (the caller reports it).
 
   Caches captured in ``"checked"`` mode carry a flag saying whether their rows
@@ -127,8 +116,6 @@ def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
   for name, c in (("cache1", cache1), ("cache2", cache2)):
     if c is not None and not isinstance(c, Factors):
       raise TypeError(f"`{name}` must come from ntklayers.capture, got {type(c).__name__}.")
-  if not isinstance(layerwise, bool):
-    raise TypeError(f"`layerwise` must be a bool, got {layerwise!r}.")
   same = cache2 is None or cache2 is cache1
   cache2 = cache1 if cache2 is None else cache2
   m1, m2 = cache1.meta, cache2.meta
@@ -140,9 +127,10 @@ def contract_unchecked(cache1: Factors, cache2: Factors | None = None, *,
         f"{[g.name for g in m2.plan.groups]}, fallback "
         f"{[g.name for g in m1.plan.fallback]} vs {[g.name for g in m2.plan.fallback]}. "
         f"Use ntklayers.ntk_fn, which plans both batches together.")
-  trace_axes, diagonal_axes = _checks.check_axes_pair(trace_axes, diagonal_axes)
-  spec = OutputSpec.create(m1.out_shape, m2.out_shape, trace_axes, diagonal_axes)
-  if _capture.CHECKED not in (m1.mode, m2.mode):
+  spec = OutputSpec.create(m1.out_shape, m2.out_shape, options.trace_axes,
+                           options.diagonal_axes, options.precision)
+  layerwise = options.layerwise
+  if _replay.CHECKED not in (m1.mode, m2.mode):
     return _contract(spec, cache1, cache2, same, layerwise)
 
   def as_one_sample():

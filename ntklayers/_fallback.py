@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers._axes import OutputSpec, contract_full
-from ntklayers._capture import agree, check_cotangent, check_tolerance
+from ntklayers._replay import agree, check_cotangent, check_tolerance
 
 
 def restrict(f: Callable, params: Any, leaf_indices: Sequence[int]):

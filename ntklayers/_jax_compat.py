@@ -1,37 +1,119 @@
 """The one place where ntklayers touches JAX APIs outside `jax.numpy`/`jax.lax`.
 
 Everything version-sensitive is funnelled through here so that a JAX upgrade
-changes one file: trace-state tokens, tracer checks, unwrapping of jitted
-functions, and the walk over a jaxpr that finds which inputs an output depends on.
+changes one file: the structure-tag primitive and its transformation rules,
+evaluation of single jaxpr equations, the names of the container primitives,
+tracer checks, unwrapping of jitted functions, and the static proof that rows of
+a traced program are examples.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
-
-try:  # JAX >= 0.4.36 exposes this under jax.extend.core.
-  from jax.extend.core import get_opaque_trace_state as _get_trace_state
-except ImportError:  # pragma: no cover - older JAX
-  from jax.core import get_opaque_trace_state as _get_trace_state  # type: ignore
 
 try:
   from jax.extend.core import Literal as _Literal
 except ImportError:  # pragma: no cover - older JAX
   from jax.core import Literal as _Literal  # type: ignore
 
+from jax.extend.core import ClosedJaxpr, DropVar, Primitive, jaxprs_in_params
+from jax.interpreters import ad as _ad
+from jax.interpreters import batching as _batching
+from jax.interpreters import mlir as _mlir
 
-def trace_state() -> Any:
-  """Returns an opaque token identifying the current JAX tracing context.
+Literal = _Literal
 
-  Two tokens compare equal iff code runs under the same trace, so a layer can
-  tell whether it runs inside an inner transform (``jax.checkpoint``, ``scan``,
-  ``vmap``, ``jit``) of the function being captured.
+# Names of the container primitives whose bodies ntklayers descends into.
+SCAN = "scan"
+REMAT = frozenset({"remat2", "checkpoint", "remat"})
+CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+
+
+# ------------------------------------------------------------ the tag ---
+
+
+def make_tag_primitive(on_vmap: Callable[[Any], Any]) -> Primitive:
+  """The structure-tag primitive ``tag(out, primal, *params, *inputs, meta=...)``.
+
+  Semantically the identity on ``out``; the other operands are only observed, so
+  that a jaxpr of the model shows each annotated layer call with the arrays its
+  structure rule needs, inside any ``scan``, ``remat`` or ``jit`` body.
+
+  * abstract evaluation and lowering: ``out`` itself (free in compiled code);
+  * JVP: the tangent of ``out`` passes through (the layer's own equations already
+    differentiate ``out`` with respect to everything it depends on);
+  * batching (``vmap``): the tag is re-bound on the batched operands with
+    ``meta = on_vmap(meta)``; ``out`` keeps its batch dimension.
   """
-  return _get_trace_state(convention="flax")
+  tag = Primitive("ntk_tag")
+  tag.def_impl(lambda out, *rest, meta: out)
+  tag.def_abstract_eval(lambda out, *rest, meta: out)
+  _mlir.register_lowering(
+      tag, _mlir.lower_fun(lambda out, *rest, meta: out, multiple_results=False))
+
+  def jvp(primals, tangents, *, meta):
+    return tag.bind(*primals, meta=meta), _ad.instantiate_zeros(tangents[0])
+
+  def batch(args, dims, *, meta):
+    return tag.bind(*args, meta=on_vmap(meta)), dims[0]
+
+  _ad.primitive_jvps[tag] = jvp
+  _batching.primitive_batchers[tag] = batch
+  return tag
+
+
+def eval_eqn(eqn: Any, invals: list) -> list:
+  """Evaluates one jaxpr equation on ``invals`` (as ``jax.core.eval_jaxpr`` does).
+
+  ``get_bind_params`` returns ``(subfuns, params)`` before JAX 0.9.2 and ``params``
+  since; the equation's context (``eqn.ctx.manager``) is entered when present.
+  """
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns: list = []
+  if isinstance(bind_params, tuple):  # JAX < 0.9.2
+    subfuns, bind_params = bind_params
+  ctx = getattr(getattr(eqn, "ctx", None), "manager", None) or contextlib.nullcontext()
+  with ctx:
+    out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def body(eqn: Any) -> tuple[Any, list]:
+  """``(jaxpr, consts)`` of a scan, remat or call equation's single body."""
+  sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  if isinstance(sub, ClosedJaxpr):
+    return sub.jaxpr, list(sub.consts)
+  return sub, []
+
+
+def scan_params(eqn: Any) -> dict[str, Any]:
+  """``num_consts``, ``num_carry``, ``length``, ``reverse``, ``unroll`` of a scan."""
+  p = eqn.params
+  return {k: p[k] for k in ("num_consts", "num_carry", "length", "reverse", "unroll")}
+
+
+def remat_params(eqn: Any) -> dict[str, Any]:
+  """Keyword arguments of ``jax.checkpoint`` that re-create a remat equation."""
+  return {"prevent_cse": eqn.params.get("prevent_cse", True),
+          "policy": eqn.params.get("policy")}
+
+
+def has_body(eqn: Any) -> bool:
+  """Whether the equation holds nested programs (scan, cond, while, custom_jvp, ...)."""
+  return any(True for _ in jaxprs_in_params(eqn.params))
+
+
+def nested(eqn: Any) -> list:
+  """The open jaxprs nested in an equation's parameters."""
+  return [j.jaxpr if isinstance(j, ClosedJaxpr) else j for j in jaxprs_in_params(eqn.params)]
+
+
+def is_drop(v: Any) -> bool:
+  return isinstance(v, DropVar)
 
 
 def is_inexact(dtype: Any) -> bool:
@@ -54,210 +136,3 @@ def unwrap_jit(f: Callable) -> Callable:
   while callable(getattr(f, "lower", None)) and callable(getattr(f, "__wrapped__", None)):
     f = f.__wrapped__
   return f
-
-
-def output_dependencies(fun: Callable, *args: Any) -> tuple[Any, int]:
-  """Traces ``fun(*args)`` and finds which flattened inputs its outputs depend on.
-
-  Dependencies are followed through the data flow of the traced program
-  (``jax.make_jaxpr``): an equation's outputs depend on every input of the
-  equation, including those of nested programs (``scan``, ``remat``, ``cond``,
-  ``custom_jvp``, ...), so the answer may over-approximate but never misses a
-  dependency.
-
-  Returns:
-    ``(out_shapes, mask)``: the ``jax.ShapeDtypeStruct`` tree of the outputs and
-    a bit mask with bit ``i`` set when an output depends on the ``i``-th leaf of
-    ``jax.tree.leaves(args)``.
-  """
-  closed, shapes = jax.make_jaxpr(fun, return_shape=True)(*args)
-  jaxpr = closed.jaxpr
-  taint: dict[Any, int] = {v: 1 << i for i, v in enumerate(jaxpr.invars)}
-  for eqn in jaxpr.eqns:
-    t = 0
-    for v in eqn.invars:
-      if not isinstance(v, _Literal):
-        t |= taint.get(v, 0)
-    if t:
-      for v in eqn.outvars:
-        taint[v] = t
-  mask = 0
-  for v in jaxpr.outvars:
-    if not isinstance(v, _Literal):
-      mask |= taint.get(v, 0)
-  return shapes, mask
-
-
-# ------------------------------------------- per-example structure proof ---
-#
-# An abstract interpretation of a jaxpr that tracks, for every value, whether it
-# is *batched* along one axis a (slice n along a is the same function of slice n
-# of every batched source and of shared values) or *shared* (no batch axis; the
-# set of axes along which it is known to be constant is tracked, so that shared
-# values broadcast along the batch axis are recognized). Every primitive without
-# a rule below makes the proof fail, which only costs the runtime check.
-
-class _NotPerExample(Exception):
-  pass
-
-
-_ELEMENTWISE = frozenset("""
-abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp clz
-complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv
-erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma log log1p
-logistic lt max min mul ne neg nextafter not or population_count pow real
-reduce_precision rem round rsqrt select_n shift_left shift_right_arithmetic
-shift_right_logical sign sin sinh sqrt square stop_gradient sub tan tanh xor
-""".split())
-_REDUCTIONS = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor "
-    "argmax argmin".split())
-_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
-_SINGLE = frozenset("broadcast_in_dim reshape transpose squeeze pad slice dynamic_slice "
-                    "rev split gather conv_general_dilated".split())
-_CALLS = frozenset("jit pjit closed_call core_call custom_jvp_call custom_vjp_call "
-                   "custom_vjp_call_jaxpr checkpoint remat remat2".split())
-
-
-def _sub_jaxpr(eqn):
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    sub = eqn.params.get(key)
-    if sub is None:
-      continue
-    jaxpr = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-    if len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(eqn.outvars):
-      return jaxpr
-  raise _NotPerExample(eqn.primitive.name)
-
-
-def _batch_rule(eqn, anns, shapes, out_shapes):
-  """Output annotations: ``int`` batch axis, or ``frozenset`` of constant axes."""
-  name = eqn.primitive.name
-  p = eqn.params
-  batched = [(k, a) for k, a in enumerate(anns) if isinstance(a, int)]
-  if not batched:  # shared values only
-    if name in _ELEMENTWISE:
-      consts = [a for a, s in zip(anns, shapes) if len(s) == len(out_shapes[0])]
-      return [frozenset.intersection(*consts) if consts else frozenset()]
-    if name == "broadcast_in_dim":
-      dims = p["broadcast_dimensions"]
-      consts = {d for d in range(len(out_shapes[0])) if d not in dims}
-      consts |= {dims[i] for i in anns[0]}
-      consts |= {dims[i] for i, s in enumerate(shapes[0]) if s == 1}
-      return [frozenset(consts)]
-    return [frozenset()] * len(out_shapes)
-  axes = {a for _, a in batched}
-  if name in _ELEMENTWISE:
-    (a,) = axes if len(axes) == 1 else (None,)
-    if a is None:
-      raise _NotPerExample(name)
-    for ann, s in zip(anns, shapes):
-      # Shared operands must be constant along the batch axis (or broadcast to it).
-      if not isinstance(ann, int) and s and a not in ann and s[a] != 1:
-        raise _NotPerExample(name)
-    return [a]
-  if name in _CALLS:
-    return analyze(_sub_jaxpr(eqn), anns)
-  if len(batched) == 1 and name in _SINGLE | _REDUCTIONS | _CUMULATIVE:
-    (k, a), = batched
-    shape = shapes[k]
-    if name == "broadcast_in_dim":
-      b = p["broadcast_dimensions"][a]
-      if out_shapes[0][b] == shape[a]:
-        return [b]
-    elif name == "reshape" and p.get("dimensions") is None:
-      new = out_shapes[0]
-      before = math.prod(shape[:a])
-      for b in range(len(new)):
-        if math.prod(new[:b]) == before and new[b] == shape[a]:
-          return [b]
-    elif name == "transpose":
-      return [list(p["permutation"]).index(a)]
-    elif name == "squeeze" and a not in p["dimensions"]:
-      return [a - sum(d < a for d in p["dimensions"])]
-    elif name in _REDUCTIONS and k == 0 and a not in p["axes"]:
-      return [a - sum(d < a for d in p["axes"])] * len(out_shapes)
-    elif name in _CUMULATIVE and p["axis"] != a:
-      return [a]
-    elif name == "rev" and a not in p["dimensions"]:
-      return [a]
-    elif name == "split" and p["axis"] != a:
-      return [a] * len(out_shapes)
-    elif name == "pad" and k == 0 and tuple(p["padding_config"][a]) == (0, 0, 0):
-      return [a]
-    elif name == "slice" and k == 0 and p["start_indices"][a] == 0 and (
-        p["limit_indices"][a] == shape[a]) and (not p["strides"] or p["strides"][a] == 1):
-      return [a]
-    elif name == "dynamic_slice" and k == 0 and p["slice_sizes"][a] == shape[a]:
-      return [a]
-    elif name == "gather" and k == 1 and a < len(shape) - 1:
-      dn = p["dimension_numbers"]
-      if not getattr(dn, "operand_batching_dims", ()):
-        rows = [d for d in range(len(out_shapes[0])) if d not in dn.offset_dims]
-        return [rows[a]]
-    elif name == "conv_general_dilated" and k == 0 and p["batch_group_count"] == 1:
-      dn = p["dimension_numbers"]
-      if a == dn.lhs_spec[0]:
-        return [dn.out_spec[0]]
-    raise _NotPerExample(name)
-  if name == "dot_general":
-    (lc, rc), (lb, rb) = p["dimension_numbers"]
-    la, ra = anns
-    lfree = [d for d in range(len(shapes[0])) if d not in lc and d not in lb]
-    rfree = [d for d in range(len(shapes[1])) if d not in rc and d not in rb]
-    if isinstance(la, int) and isinstance(ra, int):
-      if la in lb and rb[list(lb).index(la)] == ra:
-        return [list(lb).index(la)]
-    elif isinstance(la, int):
-      if la in lb and rb[list(lb).index(la)] in ra:
-        return [list(lb).index(la)]
-      if la in lfree:
-        return [len(lb) + lfree.index(la)]
-    else:
-      if ra in rb and lb[list(rb).index(ra)] in la:
-        return [list(rb).index(ra)]
-      if ra in rfree:
-        return [len(lb) + len(lfree) + rfree.index(ra)]
-    raise _NotPerExample(name)
-  if name in ("concatenate", "sort"):
-    dim = p["dimension"]
-    (a,) = axes if len(axes) == 1 else (None,)
-    if a is None or dim == a or any(not isinstance(x, int) and a not in x for x in anns):
-      raise _NotPerExample(name)
-    return [a] * len(out_shapes)
-  raise _NotPerExample(name)
-
-
-def analyze(jaxpr, in_anns):
-  env: dict[Any, Any] = {}
-  for v, a in zip(jaxpr.invars, in_anns):
-    env[v] = a
-
-  def read(v):
-    if isinstance(v, _Literal):
-      return frozenset(range(len(getattr(v.aval, "shape", ()))))
-    return env.get(v, frozenset())  # constvars: shared
-
-  for eqn in jaxpr.eqns:
-    anns = [read(v) for v in eqn.invars]
-    shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
-    out_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars]
-    outs = _batch_rule(eqn, anns, shapes, out_shapes)
-    for v, a in zip(eqn.outvars, outs):
-      env[v] = a
-  return [read(v) for v in jaxpr.outvars]
-
-
-def rows_are_examples(fun: Callable, batched_args: Any, shared_args: Any) -> bool:
-  """Proves that row ``n`` of every output of ``fun(batched_args, shared_args)`` is
-  the same function of row ``n`` of every leaf of ``batched_args`` (all batched
-  along axis 0) and of ``shared_args``. ``False`` means "not proven".
-  """
-  closed = jax.make_jaxpr(fun)(batched_args, shared_args)
-  n_batched = len(jax.tree.leaves(batched_args))
-  anns = [0] * n_batched + [frozenset()] * (len(closed.jaxpr.invars) - n_batched)
-  try:
-    outs = analyze(closed.jaxpr, anns)
-  except _NotPerExample:
-    return False
-  return all(a == 0 for a in outs)

@@ -21,10 +21,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from ntklayers import _api
-from ntklayers import _capture
+from ntklayers import _replay
 from ntklayers import _metrics
 from ntklayers import _similarity
-from ntklayers._factors import prepare
+from ntklayers._capture import prepare
 from ntklayers._fallback import restrict
 from ntklayers._plan import resolve_trainable
 
@@ -246,7 +246,7 @@ def trace_norm_of(f: Callable, params: Any, x: Any, trainable: Any = None,
     s_mask = jax.tree.unflatten(treedef, [i in rows for i in range(len(leaves))])
     mode = prepare(f, params, (x,), implementation="structured", trainable=s_mask,
                    independent_samples=None).mode
-    if mode == _capture.INDEPENDENT:
+    if mode == _replay.INDEPENDENT:
       opts = dict(diagonal_axes=(0,), trace_axes=tuple(range(1, out.ndim)),
                   implementation="structured", trainable=s_mask)
       total = total + jnp.sum(_api.ntk_fn(f, **opts)(params, x)) * m
@@ -257,7 +257,7 @@ def trace_norm_of(f: Callable, params: Any, x: Any, trainable: Any = None,
     return total
   f_sub, sub = restrict(f, params, rest)
   y, vjp = jax.vjp(lambda s: f_sub(s, x), sub)
-  r = _capture.check_cotangent(y.shape, y.dtype)
+  r = _replay.check_cotangent(y.shape, y.dtype)
   jac = jax.jacfwd if sum(a.size for a in sub) < m else jax.jacrev
 
   def one(xn):
@@ -268,9 +268,9 @@ def trace_norm_of(f: Callable, params: Any, x: Any, trainable: Any = None,
     return jnp.vdot(rn, f_sub(s, jax.tree.map(lambda a: a[None], xn))[0])
 
   per_example = jax.grad(lambda s: jnp.sum(jax.vmap(one_of_batch, (None, 0, 0))(s, x, r)))
-  tol = _capture.check_tolerance(y.dtype)
+  tol = _replay.check_tolerance(y.dtype)
   ok = functools.reduce(jnp.logical_and, [
-      _capture.agree(a.reshape(-1), b.reshape(-1), tol)
+      _replay.agree(a.reshape(-1), b.reshape(-1), tol)
       for a, b in zip(vjp(r)[0], per_example(sub))], jnp.asarray(True))
 
   def coupled():

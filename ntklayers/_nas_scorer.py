@@ -22,7 +22,7 @@ from jax.typing import ArrayLike
 
 from ntklayers import _api
 from ntklayers import _metrics
-from ntklayers._factors import prepare
+from ntklayers._capture import prepare
 from ntklayers._nas import (KERNEL_OF, SCORES, FallbackWarning, Ranked, ScoreResult,
                             alignment_of, kernel_options, label_num_classes, nnx_summed,
                             require, summary, summed, summed_method, trace_norm_of,

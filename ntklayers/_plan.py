@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from ntklayers import _jax_compat
-from ntklayers._capture import NO_PARAMS, CallRecord
+from ntklayers._discovery import NO_PARAMS, CallRecord
 from ntklayers._rules import get_rule
 
 # Warnings already given, per model function `f` (weakly held) and per layer/reason.
@@ -147,16 +147,18 @@ def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool
   for r in records:
     if r.skip is not None and r.skip != NO_PARAMS and structured:
       warn_once(f, r.name, r.skip)
-  # Group captured calls by the exact set of leaves they read.
-  by_leaves: dict[tuple[int, ...], list[int]] = {}
+  # Group captured calls by the exact set of leaves they read and how many loops
+  # slice them (a stacked layer reads one slice per step).
+  by_leaves: dict[tuple, list[int]] = {}
   for k, r in enumerate(records):
     if r.skip is None and structured:
-      by_leaves.setdefault(tuple(sorted(i for _, i in r.leaves)), []).append(k)
+      key = (tuple(sorted(i for _, i in r.leaves)), len(r.stack))
+      by_leaves.setdefault(key, []).append(k)
   groups = []
   for key, calls in by_leaves.items():
     first = records[calls[0]]
     reason = None
-    if any(set(key) & set(other) for other in by_leaves if other != key):
+    if any(set(key[0]) & set(other[0]) for other in by_leaves if other != key):
       reason = "its parameters are shared with another layer of different structure"
     elif len({(records[c].kind, records[c].leaves) for c in calls}) != 1:
       reason = "its calls disagree in structure"
@@ -178,7 +180,7 @@ def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool
       for c in calls:
         records[c] = dataclasses.replace(records[c], skip=why)
       continue
-    groups.append(Group(_group_name(records, calls, names, key), rule.op, roles, idx,
+    groups.append(Group(_group_name(records, calls, names, key[0]), rule.op, roles, idx,
                         tuple(calls)))
   owned = {i for g in groups for i in g.leaves}
   fb: dict[str, list[int]] = {}
@@ -223,6 +225,6 @@ def forward_flops(records: tuple[CallRecord, ...], params: Any) -> float:
   for r in records:
     rule = get_rule(r.kind)
     if rule is not None and r.skip is None:
-      total += rule.flops(r.config, r.primal[0], r.out[0])
+      total += r.steps * rule.flops(r.config, r.primal[0], r.out[0])
   return total
 

@@ -2,7 +2,7 @@
 
 A *rule* turns one layer call's cached primal ``x`` (the layer's input, ``[M, ...]``)
 and output cotangents ``g`` (``[B, M, ...]``, one slice per model output) into the
-canonical factors of ``_contractions.py``:
+canonical factors of ``_ops.py``:
 
 * ``affine``: ``x -> [M, T, G, I]``, ``g -> [B, M, T, G, J]``, roles ``("w", "b")``;
 * ``scale``: ``x -> [M, T, C]``, ``g -> [B, M, T, C]``, roles ``("scale", "offset")``.
@@ -22,6 +22,8 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
+from ntklayers._ops import AFFINE, SCALE, Op
+
 # What an adapter reports for one layer call: (kind, config, primal, reason-if-unsupported).
 Description = tuple[str, Any, jnp.ndarray, "str | None"]
 
@@ -33,27 +35,37 @@ class Rule:
   """How one layer kind depends on its parameters.
 
   Attributes:
-    op: canonical op, ``"affine"`` or ``"scale"``.
-    roles: parameter roles in canonical order (``("w", "b")``, ``("scale", "offset")``).
+    op: the canonical structure (:data:`ntklayers._ops.AFFINE`, ``SCALE``, ...);
+      its ``roles`` name the parameters (``("w", "b")``, ``("scale", "offset")``).
     canonicalize: ``(config, x [M, ...], g [B, M, ...]) -> (x_c, g_c)``.
     unsupported: ``(config, x_shape) -> reason or None``.
     flops: ``(config, x_shape, y_shape) -> forward FLOPs per example``.
   """
 
-  op: str
-  roles: tuple[str, ...]
+  op: Op
   canonicalize: Canonicalize
   unsupported: Callable[[Any, tuple[int, ...]], str | None]
   flops: Callable[[Any, tuple[int, ...], tuple[int, ...]], float]
+
+  @property
+  def roles(self) -> tuple[str, ...]:
+    return self.op.roles
 
 
 _REGISTRY: dict[str, Rule] = {}
 
 
 def register_rule(kind: str, rule: Rule) -> None:
-  """Registers ``rule`` for layers that declare structure ``kind``."""
-  if rule.op not in ("affine", "scale"):
-    raise ValueError(f"Unknown canonical op {rule.op!r} for rule {kind!r}.")
+  """Registers ``rule`` for layers that declare structure ``kind``.
+
+  Raises:
+    TypeError: ``rule`` is not a :class:`Rule` over an :class:`~ntklayers._ops.Op`.
+    ValueError: ``kind`` is already registered (rules are never overwritten).
+  """
+  if not isinstance(rule, Rule) or not isinstance(rule.op, Op):
+    raise TypeError(f"`rule` for kind {kind!r} must be a Rule over an Op, got {rule!r}.")
+  if kind in _REGISTRY:
+    raise ValueError(f"A rule for kind {kind!r} is already registered.")
   _REGISTRY[kind] = rule
 
 
@@ -92,7 +104,7 @@ def _dense_flops(cfg, x_shape, y_shape) -> float:
   return 2.0 * math.prod(x_shape[1:]) * math.prod(y_shape[len(y_shape) - cfg.out_axes:])
 
 
-register_rule("dense", Rule("affine", ("w", "b"), _dense_canonicalize,
+register_rule("dense", Rule(AFFINE, _dense_canonicalize,
                             _dense_unsupported, _dense_flops))
 
 
@@ -167,7 +179,7 @@ def _conv_flops(cfg: ConvConfig, x_shape, y_shape) -> float:
   return 2.0 * positions * math.prod(cfg.kernel_shape) * c_in / cfg.feature_group_count
 
 
-register_rule("conv", Rule("affine", ("w", "b"), _conv_canonicalize,
+register_rule("conv", Rule(AFFINE, _conv_canonicalize,
                            _conv_unsupported, _conv_flops))
 
 
@@ -205,14 +217,5 @@ def _scale_flops(cfg, x_shape, y_shape) -> float:
   return 4.0 * math.prod(x_shape[1:])
 
 
-register_rule("scale", Rule("scale", ("scale", "offset"), _scale_canonicalize,
+register_rule("scale", Rule(SCALE, _scale_canonicalize,
                             _scale_unsupported, _scale_flops))
-
-
-def normalize_axes(axes: int | Sequence[int] | slice, ndim: int) -> tuple[int, ...]:
-  """Absolute, sorted axes from an int, a sequence or a slice."""
-  if isinstance(axes, slice):
-    return tuple(range(ndim)[axes])
-  if isinstance(axes, int):
-    axes = (axes,)
-  return tuple(sorted(a % ndim for a in axes))

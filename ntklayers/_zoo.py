@@ -107,5 +107,36 @@ def transformer(n: int = 16, t: int = 16, d: int = 64, heads: int = 4,
                 f"T={t}, O={n_out}, N={n}", fn, (n, t, d))
 
 
+def _haiku_block(d: int, heads: int) -> Callable[[jax.Array], jax.Array]:
+  """One pre-LN transformer block (attention + MLP, residuals), ``[N, T, D]``."""
+
+  def block(x):
+    init = hk.initializers.VarianceScaling(1.0)
+    h = nh.LayerNorm(axis=-1, create_scale=True, create_offset=True)(x)
+    x = x + nh.MultiHeadAttention(num_heads=heads, key_size=d // heads,
+                                  w_init=init)(h, h, h)
+    h = nh.LayerNorm(axis=-1, create_scale=True, create_offset=True)(x)
+    h = jax.nn.gelu(ntklayers.Linear(4 * d)(h))
+    return x + ntklayers.Linear(d)(h)
+
+  return block
+
+
+def scanned_transformer(n: int = 16, t: int = 16, d: int = 64, heads: int = 4,
+                        blocks: int = 6, n_out: int = 10) -> Model:
+  """(d) ``blocks`` pre-LN transformer blocks as one ``hk.layer_stack`` of
+  ``hk.remat`` blocks (a scan over stacked parameters), between an input
+  projection and a mean-pooled head."""
+
+  def fn(x):
+    x = ntklayers.Linear(d)(x)
+    x = hk.layer_stack(blocks)(hk.remat(_haiku_block(d, heads)))(x)
+    return ntklayers.Linear(n_out)(x.mean(axis=1))
+
+  return _build("scanned_transformer", f"{blocks} transformer blocks in hk.layer_stack "
+                f"+ hk.remat, D={d}, T={t}, O={n_out}, N={n}", fn, (n, t, d))
+
+
 MODELS: dict[str, Callable[[], Model]] = {
-    "mlp": mlp, "cnn": cnn, "transformer": transformer}
+    "mlp": mlp, "cnn": cnn, "transformer": transformer,
+    "scanned_transformer": scanned_transformer}

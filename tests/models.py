@@ -341,9 +341,9 @@ MODELS: tuple[ModelDescriptor, ...] = (
     ModelDescriptor("batchnorm_train", _batchnorm_build(True), (5,), coupled=True),
     descriptor("weight_shared", weight_shared, (5,)),
     descriptor("layernorm_variants", layernorm_variants, (4, 6), out_rank=3),
-    descriptor("remat", remat_model, (5,), fallback_warning=True),
-    descriptor("layer_stack", layer_stack_model, (5,), fallback_warning=True),
-    descriptor("scan_rnn", scan_rnn, (4, 3), fallback_warning=True),
+    descriptor("remat", remat_model, (5,)),
+    descriptor("layer_stack", layer_stack_model, (5,)),
+    descriptor("scan_rnn", scan_rnn, (4, 3)),
 )
 
 # The classes of models of issue #6 (tests/models_classes.py; that module imports

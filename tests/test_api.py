@@ -338,12 +338,26 @@ def _masked_conv(x, name):
 
 
 FALLBACK_MODELS = {
-    "remat": (_remat, "inner JAX transform"),
-    "layer_stack": (_layer_stack, "inner JAX transform"),
-    "scan": (_scan, "inner JAX transform"),
-    "vmap": (_vmap, "inner JAX transform"),
+    "vmap": (_vmap, "jax.vmap"),
     "masked_conv": (_masked_conv, "masked"),
 }
+
+# Layers inside hk.remat, hk.layer_stack and hk.scan are captured structurally (their
+# structure tags survive the transforms): no fallback, no warning, exact.
+STRUCTURED_MODELS = {"remat": _remat, "layer_stack": _layer_stack, "scan": _scan}
+
+
+@pytest.mark.parametrize("kind", sorted(STRUCTURED_MODELS))
+def test_layers_inside_transforms_are_structured(kind):
+  name = _fresh_name(kind)
+  net = hk.without_apply_rng(hk.transform(lambda x: STRUCTURED_MODELS[kind](x, name)))
+  x1, x2 = models.make_inputs((5,), jnp.float64)
+  params = models.init_params(net.init, jnp.float64, x1)
+  cache = ntklayers.capture(net.apply, params, x1)
+  assert not cache.meta.plan.fallback, cache.meta.plan.fallback
+  assert any(name in g for g in cache.layer_names), cache.layer_names
+  k = ntklayers.ntk_fn(net.apply)(params, x1, x2)
+  assert_rel_close(k, reference_ntk(net.apply, params, x1, x2), TOL64)
 
 
 @pytest.mark.parametrize("kind", sorted(FALLBACK_MODELS))

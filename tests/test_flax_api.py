@@ -306,7 +306,7 @@ def test_linen_nested_apply_kwargs():
   assert TRACES["NestedKwargs"] > traces
   assert_rel_close(k3, ref(cfg(1.0, mode="relu")), TOL64)
   bad = {**cfg(1.0), "extra": {"tags": {"a", "b"}}}
-  with pytest.raises(TypeError, match=r"apply kwarg 'cfg' \(at \['extra'\]\['tags'\]\)"):
+  with pytest.raises(TypeError, match=r"model kwarg 'cfg' \(at \['extra'\]\['tags'\]\)"):
     kernel_fn(variables, x1, x2, cfg=bad)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import ntklayers
-from ntklayers import _capture, _factors
+from ntklayers import _capture, _replay
 from reference import assert_rel_close, reference_ntk
 
 TOL64 = 1e-10
@@ -62,7 +62,7 @@ def _setup(fn, **kw):
   f, params, x1, x2 = _haiku(fn)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    return _factors.prepare(f, params, (x1, x2), implementation="auto", trainable=None,
+    return _capture.prepare(f, params, (x1, x2), implementation="auto", trainable=None,
                             independent_samples=kw.get("independent_samples"))
 
 
@@ -70,8 +70,8 @@ def _setup(fn, **kw):
 
 
 @pytest.mark.parametrize("fn,mode,check_layers", [
-    (mlp, _capture.INDEPENDENT, False),     # proven statically: no check, no cond
-    (centered, _capture.CHECKED, True),     # batch reduction: runtime check
+    (mlp, _replay.INDEPENDENT, False),     # proven statically: no check, no cond
+    (centered, _replay.CHECKED, True),     # batch reduction: runtime check
 ])
 def test_static_proof_or_runtime_check(fn, mode, check_layers):
   setup = _setup(fn)
@@ -79,13 +79,13 @@ def test_static_proof_or_runtime_check(fn, mode, check_layers):
 
 
 def test_independent_samples_true_skips_every_check():
-  assert _setup(centered, independent_samples=True).mode == _capture.INDEPENDENT
+  assert _setup(centered, independent_samples=True).mode == _replay.INDEPENDENT
 
 
 def test_runtime_check_flags_coupled_batch_and_recomputes():
   f, params, x1, _ = _haiku(centered)
   cache = jax.jit(lambda p, x: ntklayers.capture(f, p, x))(params, x1)
-  assert cache.meta.mode == _capture.CHECKED and not bool(cache.verified)
+  assert cache.meta.mode == _replay.CHECKED and not bool(cache.verified)
   assert_rel_close(ntklayers.contract(cache), reference_ntk(f, params, x1), TOL64)
   f, params, x1, _ = _haiku(lambda x: ntklayers.Linear(3)(jnp.tanh(ntklayers.Linear(4)(x))))
   cache = ntklayers.capture(f, params, x1, independent_samples=None)
@@ -110,10 +110,11 @@ def test_tied_decoder_weight_goes_to_fallback_with_one_warning():
 
 def test_warnings_are_per_model_not_per_layer_name():
   def model_a(x):
-    return hk.remat(lambda h: ntklayers.Linear(3, name="inner")(h))(x)
+    return hk.vmap(lambda h: ntklayers.Linear(3, name="inner")(h), split_rng=False)(x)
 
   def model_b(x):
-    return hk.remat(lambda h: ntklayers.Linear(2, name="inner")(jnp.tanh(h)))(x)
+    return hk.vmap(lambda h: ntklayers.Linear(2, name="inner")(jnp.tanh(h)),
+                   split_rng=False)(x)
 
   for fn in (model_a, model_b):
     f, params, x1, _ = _haiku(fn)
@@ -128,13 +129,11 @@ def test_outer_layer_sharing_a_stacked_layers_name_stays_structured():
     return ntklayers.Linear(2)(x)
 
   f, params, x1, x2 = _haiku(fn)
-  with pytest.warns(UserWarning, match="inner JAX transform"):
-    cache = ntklayers.capture(f, params, x1)
+  cache = ntklayers.capture(f, params, x1)  # both structured: no warning
   assert "stacked" in cache.layer_names
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    assert_rel_close(ntklayers.ntk(f, params, x1, x2), reference_ntk(f, params, x1, x2),
-                     TOL64)
+  assert not cache.meta.plan.fallback
+  assert_rel_close(ntklayers.ntk(f, params, x1, x2), reference_ntk(f, params, x1, x2),
+                   TOL64)
 
 
 # ------------------------------------------------------- one plan, x1/x2 ---

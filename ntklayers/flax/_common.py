@@ -14,7 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntklayers._rules import ConvConfig, DenseConfig, Description, ScaleConfig, normalize_axes
+from ntklayers.adapters import (ConvConfig, DenseConfig, Description, ScaleConfig,
+                                normalize_axes)
 
 
 def _tuple(x: Any) -> tuple:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ntklayers import _api, _capture, _checks
+from ntklayers import adapters
 from ntklayers.flax._nnx_layers import MODULE_PATHS
 
 
@@ -25,12 +25,12 @@ def _paths(model: nnx.Module) -> dict[int, str]:
 def _declare_batch_coupling(model: nnx.Module) -> None:
   for path, m in _iter_modules(model):
     if isinstance(m, nnx.BatchNorm) and m.use_running_average is not True:
-      _capture.declare_coupled(path)
+      adapters.declare_coupled(path)
 
 
 def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequence[int] = (),
            implementation: str = "auto", layerwise: bool = False, trainable: Any = None,
-           independent_samples: bool | None = None):
+           independent_samples: bool | None = None, precision: str = "highest"):
   """Returns ``kernel_fn(model, x1, x2=None)`` for ``flax.nnx`` models.
 
   ``model`` is an ``nnx.Module``, or ``(graphdef, params, *other_states)`` from
@@ -49,9 +49,10 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
     >>> ntk_nnx.ntk_fn()(model, jnp.ones((4, 3))).shape
     (4, 4, 2, 2)
   """
-  options = _api.check_options(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-                               implementation=implementation, layerwise=layerwise,
-                               trainable=trainable, independent_samples=independent_samples)
+  options = adapters.Options.create(
+      trace_axes=trace_axes, diagonal_axes=diagonal_axes, implementation=implementation,
+      layerwise=layerwise, trainable=trainable, independent_samples=independent_samples,
+      precision=precision)
 
   def body(graphdef, params, rest, x1, x2):
     def f(p, x):
@@ -65,7 +66,7 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
       finally:
         MODULE_PATHS.reset(token)
     f.__ntk_owner__ = graphdef  # warnings are de-duplicated per model, not per trace
-    return _api.kernel(f, params, x1, x2, **options)
+    return adapters.kernel(f, params, x1, x2, options)
 
   jitted = jax.jit(body, static_argnums=0)
 
@@ -78,7 +79,7 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
       raise TypeError(
           f"`model` must be an nnx.Module or (graphdef, params, *states) from "
           f"nnx.split; got {type(model).__name__}.")
-    _checks.check_pair(x1, x2)
-    return _api.checked(*jitted(graphdef, params, tuple(rest), x1, x2))
+    adapters.check_pair(x1, x2)
+    return adapters.checked(*jitted(graphdef, params, tuple(rest), x1, x2))
 
   return kernel_fn

@@ -14,7 +14,7 @@ import contextvars
 from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
-from ntklayers import _capture
+from ntklayers import _session
 from ntklayers.flax import _common
 
 # {id(module): "path/to/module"} of the model being captured (set by ntk_fn).
@@ -34,7 +34,7 @@ def _tap(module, roles, description, out, inputs):
     if isinstance(variable, nnx.Variable):
       params[role] = _value(variable)
   name = MODULE_PATHS.get().get(id(module), type(module).__name__)
-  return _capture.tap(kind=kind, config=config, name=name, params=params,
+  return _session.tap(kind=kind, config=config, name=name, params=params,
                       primal=primal.astype(out.dtype), out=out, unsupported=unsupported,
                       inputs=inputs)
 
@@ -53,7 +53,7 @@ class Linear(nnx.Linear):
 
   def __call__(self, inputs, *args, **kwargs):
     out = super().__call__(inputs, *args, **kwargs)
-    if not _capture.capturing():
+    if not _session.capturing():
       return out
     return _tap(self, {"w": "kernel", "b": "bias"},
                 _common.describe_dense_general(inputs, -1, self.out_features), out,
@@ -65,7 +65,7 @@ class LinearGeneral(nnx.LinearGeneral):
 
   def __call__(self, inputs, *args, **kwargs):
     out = super().__call__(inputs, *args, **kwargs)
-    if not _capture.capturing():
+    if not _session.capturing():
       return out
     return _tap(self, {"w": "kernel", "b": "bias"},
                 _common.describe_dense_general(inputs, self.axis, self.out_features,
@@ -78,7 +78,7 @@ class Conv(nnx.Conv):
 
   def __call__(self, inputs, *args, **kwargs):
     out = super().__call__(inputs, *args, **kwargs)
-    if not _capture.capturing():
+    if not _session.capturing():
       return out
     mask = self.mask if self.mask is None else _value(self.mask) if isinstance(
         self.mask, nnx.Variable) else self.mask
@@ -94,7 +94,7 @@ class LayerNorm(nnx.LayerNorm):
 
   def __call__(self, x, *, mask=None):
     out = super().__call__(x, mask=mask)
-    if not _capture.capturing():
+    if not _session.capturing():
       return out
     kind, config, primal, unsupported = _common.describe_layer_norm(
         x, self.reduction_axes, self.feature_axes, self.epsilon,

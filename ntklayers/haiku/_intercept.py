@@ -11,7 +11,7 @@ from typing import Any
 import haiku as hk
 from haiku._src import base as _hk_base  # only for the custom-getter check below
 
-from ntklayers import _capture
+from ntklayers import _session
 
 
 def _custom_getters_active() -> bool:
@@ -37,7 +37,7 @@ def interceptor(next_fun, args, kwargs, ctx: hk.MethodContext):
     training = args[1] if len(args) > 1 else kwargs.get("is_training")
     local = kwargs.get("test_local_stats", args[2] if len(args) > 2 else False)
     if not (_is_false(training) and _is_false(local)):
-      _capture.declare_coupled(module.module_name)
+      _session.declare_coupled(module.module_name)
     return next_fun(*args, **kwargs)
   describe = getattr(module, "_ntk_describe", None)
   if describe is None or ctx.orig_class is not module._ntk_base:  # pylint: disable=protected-access
@@ -51,9 +51,9 @@ def interceptor(next_fun, args, kwargs, ctx: hk.MethodContext):
             if k.startswith(prefix) and "/" not in k[len(prefix):]}
   params = {role: params[leaf] for role, leaf in module._ntk_roles.items()  # pylint: disable=protected-access
             if leaf in params}
-  return _capture.tap(kind=kind, config=config, name=module.module_name,
+  return _session.tap(kind=kind, config=config, name=module.module_name,
                       params=params, primal=primal, out=out, unsupported=unsupported,
                       inputs=(args, kwargs))
 
 
-_capture.register_interceptor(lambda: hk.intercept_methods(interceptor))
+_session.register_interceptor("haiku", lambda: hk.intercept_methods(interceptor))

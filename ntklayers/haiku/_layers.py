@@ -15,7 +15,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from ntklayers._rules import ConvConfig, DenseConfig, Description, ScaleConfig, normalize_axes
+from ntklayers.adapters import (ConvConfig, DenseConfig, Description, ScaleConfig,
+                                normalize_axes)
 
 
 class Linear(hk.Linear):

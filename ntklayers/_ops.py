@@ -1,7 +1,8 @@
-"""Framework-agnostic contractions of cached factors into kernel blocks.
+"""Canonical structures (*ops*) and how their factors contract into kernel blocks.
 
 Every annotated layer is reduced (by its rule, see ``_rules.py``) to canonical
-factors of one of two *ops*:
+factors of one :class:`Op`, which holds in one place its per-example Jacobian,
+its activation-space kernel, its cost model and its parameter roles:
 
 * ``affine``: ``y[t, g, j] = sum_i x[t, g, i] w[g, i, j] (+ b[g, j])`` shared over
   positions ``t`` (sequence positions, conv patches, repeated calls) and split into
@@ -26,15 +27,14 @@ Two exact ways to contract an affine layer (paper, §3.4 and Eq. 9 / 13):
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax import lax
 
 from ntklayers._axes import OutputSpec
-
-_HIGHEST = "highest"
-
 
 def _unflatten(g: jnp.ndarray, out_rest: tuple[int, ...]) -> jnp.ndarray:
   """``[N, O, ...] -> [N, *out_rest, ...]``."""
@@ -52,7 +52,7 @@ def _batch_x(x: jnp.ndarray, n: int, letter: str, rest: str):
 
 
 def affine_jacobian(x: jnp.ndarray | None, g: jnp.ndarray, with_w: bool,
-                    with_b: bool) -> jnp.ndarray:
+                    with_b: bool, precision: str = "highest") -> jnp.ndarray:
   """Per-example parameter Jacobian of an affine layer, ``[N, O, P]``."""
   n, o = g.shape[:2]
   parts = []
@@ -62,10 +62,10 @@ def affine_jacobian(x: jnp.ndarray | None, g: jnp.ndarray, with_w: bool,
     gt = jnp.transpose(g, (0, 3, 1, 4, 2)).reshape(n, groups, o * j, t)
     if x.shape[0] == n:
       jw = lax.dot_general(gt, jnp.transpose(x, (0, 2, 1, 3)),
-                           (((3,), (2,)), ((0, 1), (0, 1))), precision=_HIGHEST)
+                           (((3,), (2,)), ((0, 1), (0, 1))), precision=precision)
     else:  # one primal shared by every example (interacting samples)
       jw = lax.dot_general(gt, jnp.transpose(x[0], (1, 0, 2)),
-                           (((3,), (1,)), ((1,), (0,))), precision=_HIGHEST)
+                           (((3,), (1,)), ((1,), (0,))), precision=precision)
       jw = jnp.swapaxes(jw, 0, 1)
     jw = jw.reshape(n, groups, o, -1)  # [N, G, O, J * I]
     if groups > 1:
@@ -77,13 +77,13 @@ def affine_jacobian(x: jnp.ndarray | None, g: jnp.ndarray, with_w: bool,
 
 
 def scale_jacobian(x: jnp.ndarray, g: jnp.ndarray, with_scale: bool,
-                   with_offset: bool) -> jnp.ndarray:
+                   with_offset: bool, precision: str = "highest") -> jnp.ndarray:
   """Per-example parameter Jacobian of an elementwise scale/offset, ``[N, O, P]``."""
   n = g.shape[0]
   parts = []
   if with_scale:
     xx, xl = _batch_x(x, n, "n", "tc")
-    parts.append(jnp.einsum(f"{xl},notc->noc", xx, g, precision=_HIGHEST))
+    parts.append(jnp.einsum(f"{xl},notc->noc", xx, g, precision=precision))
   if with_offset:
     parts.append(g.sum(axis=2))
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
@@ -109,12 +109,12 @@ def pair_product(spec: OutputSpec, a1: jnp.ndarray, a2: jnp.ndarray) -> jnp.ndar
       rows = a.shape[0] * math.prod(a.shape[1:1 + len(kept)])
       return a.reshape(rows, -1)
 
-    k = lax.dot_general(flat(a1), flat(a2), (((1,), (1,)), ((), ())), precision=_HIGHEST)
+    k = lax.dot_general(flat(a1), flat(a2), (((1,), (1,)), ((), ())), precision=spec.precision)
     kept_shape = tuple(spec.shape1[a] for a in kept)
     return k.reshape((spec.shape1[0], *kept_shape, spec.shape2[0], *kept_shape))
   s1, s2, res = spec.letters()
   return jnp.einsum(f"{s1}p,{s2}p->{res}", _unflatten(a1, out_rest),
-                    _unflatten(a2, out_rest), precision=_HIGHEST)
+                    _unflatten(a2, out_rest), precision=spec.precision)
 
 
 def jacobian_kernel(spec: OutputSpec, j1: jnp.ndarray, j2: jnp.ndarray) -> jnp.ndarray:
@@ -138,7 +138,7 @@ def affine_activation_kernel(spec: OutputSpec, x1: jnp.ndarray, g1: jnp.ndarray,
   gram_letters = "".join(dict.fromkeys(x1l[:-3] + x2l[:-3])) + "tsg"
   if not with_w:  # bias only: sum over positions first
     return jnp.einsum(f"{s1}gj,{s2}gj->{res}", g1.sum(axis=-3), g2.sum(axis=-3),
-                      precision=_HIGHEST)
+                      precision=spec.precision)
   if (x1.shape[-3:-1] == (1, 1) and x2.shape[-3:-1] == (1, 1)
       and 0 not in spec.trace_axes):
     # No sharing axis and one group (dense layers): a plain matrix product of
@@ -146,16 +146,16 @@ def affine_activation_kernel(spec: OutputSpec, x1: jnp.ndarray, g1: jnp.ndarray,
     # Gram matrix with the cotangents inside the sum: the general einsum below.)
     gram_letters = gram_letters[:-3]
     gram = jnp.einsum(f"{x1l[:-3]}i,{x2l[:-3]}i->{gram_letters}", x1[..., 0, 0, :],
-                      x2[..., 0, 0, :], precision=_HIGHEST)
+                      x2[..., 0, 0, :], precision=spec.precision)
     n1, n2 = g1.shape[0], g2.shape[0]
     gg = pair_product(spec, g1[..., 0, 0, :].reshape(n1, -1, g1.shape[-1]),
                       g2[..., 0, 0, :].reshape(n2, -1, g2.shape[-1]))
     return jnp.einsum(f"{gram_letters},{res}->{res}", gram + 1 if with_b else gram, gg)
-  gram = jnp.einsum(f"{x1l},{x2l}->{gram_letters}", x1, x2, precision=_HIGHEST)
+  gram = jnp.einsum(f"{x1l},{x2l}->{gram_letters}", x1, x2, precision=spec.precision)
   if with_b:
     gram = gram + 1
   return jnp.einsum(f"{gram_letters},{s1}tgj,{s2}sgj->{res}", gram, g1, g2,
-                    precision=_HIGHEST, optimize="optimal")
+                    precision=spec.precision, optimize="optimal")
 
 
 # ------------------------------------------------------------------ cost ---
@@ -188,3 +188,54 @@ def affine_costs(spec: OutputSpec, calls1: list, calls2: list,
   groups, j = calls1[0][1][3:]
   jac = form(calls1) + (0 if same else form(calls2)) + nn * pairs * groups * i * j
   return float(act), float(jac)
+
+
+# ------------------------------------------------------------------- ops ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One canonical structure: everything the contraction needs to know about it.
+
+  Attributes:
+    name: ``"affine"``, ``"scale"``, ...
+    roles: ``(weight role, offset role)`` of its parameters.
+    jacobian: ``(x, g, with_weight, with_offset, precision) -> [N, O, P]`` per-example
+      parameter Jacobian from canonical factors (``P``: weight then offset).
+    activation_kernel: ``(spec, x1, g1, x2, g2, with_weight, with_offset) -> K``
+      without Jacobians, or ``None`` if the op has only the Jacobian route.
+    costs: ``(spec, calls1, calls2, same) -> (activation, jacobian)`` FLOP
+      estimates from the factor shapes (``None``: Jacobian route only).
+  """
+
+  name: str
+  roles: tuple[str, str]
+  jacobian: Callable[..., jnp.ndarray]
+  activation_kernel: Callable[..., jnp.ndarray] | None = None
+  costs: Callable[..., tuple[float, float]] | None = None
+
+  def kernel(self, spec: OutputSpec, roles: tuple[str, ...], calls1: list, calls2: list,
+             same: bool) -> jnp.ndarray:
+    """The kernel block of one parameter group on the cheaper route.
+
+    ``calls`` are ``[(x, g), ...]`` canonical factors of every call that reads the
+    group's parameters (weight sharing: cross terms between all calls).
+    """
+    with_w, with_b = self.roles[0] in roles, self.roles[1] in roles
+    use_jacobians = self.activation_kernel is None or not with_w
+    if not use_jacobians:
+      shapes1 = [(x.shape, g.shape) for x, g in calls1]
+      shapes2 = [(x.shape, g.shape) for x, g in calls2]
+      act, jac = self.costs(spec, shapes1, shapes2, same)
+      use_jacobians = jac < act
+    if use_jacobians:
+      p = spec.precision
+      j1 = sum(self.jacobian(x, g, with_w, with_b, p) for x, g in calls1)
+      j2 = j1 if same else sum(self.jacobian(x, g, with_w, with_b, p) for x, g in calls2)
+      return jacobian_kernel(spec, j1, j2)
+    return sum(self.activation_kernel(spec, x1, g1, x2, g2, with_w, with_b)
+               for x1, g1 in calls1 for x2, g2 in calls2)
+
+
+AFFINE = Op("affine", ("w", "b"), affine_jacobian, affine_activation_kernel, affine_costs)
+SCALE = Op("scale", ("scale", "offset"), scale_jacobian)
