@@ -116,6 +116,41 @@ def is_drop(v: Any) -> bool:
   return isinstance(v, DropVar)
 
 
+# ------------------------------------------- framework private APIs ---
+# The adapters' uses of Haiku and Flax internals, imported lazily (both are
+# optional dependencies).
+
+
+def haiku_custom_getters_active() -> bool:
+  """Whether ``hk.custom_getter``s (or mixed precision) transform parameters.
+
+  Haiku has no public query for this; its getter stack is read directly.
+  """
+  from haiku._src import base  # pylint: disable=g-import-not-at-top
+  return bool(getattr(base, "param_getter_stack", ()))
+
+
+def flax_canonicalize_padding(padding: Any, rank: int) -> Any:
+  """Flax's (unexported) ``canonicalize_padding`` of ``nn.Conv``/``nnx.Conv``."""
+  try:
+    from flax.linen.linear import canonicalize_padding  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover - other Flax layouts
+    from flax.nnx.nn.linear import canonicalize_padding  # pylint: disable=g-import-not-at-top
+  return canonicalize_padding(padding, rank)
+
+
+def nnx_value(variable: Any) -> Any:
+  """The array of an ``nnx.Variable`` (``get_value()`` in new Flax, ``.value`` before)."""
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def nnx_iter_modules(model: Any):
+  """``(path, module)`` pairs of an NNX model (``nnx.iter_modules`` in new Flax)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  it = nnx.iter_modules if hasattr(nnx, "iter_modules") else type(model).iter_modules
+  return it(model)
+
+
 def is_inexact(dtype: Any) -> bool:
   """Whether ``dtype`` is a floating or complex dtype."""
   return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))

@@ -273,6 +273,21 @@ def layer_stack_model(x):
   return ntklayers.Linear(2)(x)
 
 
+def scanned_blocks(x):
+  """[N, T=3, d=8]: an input Linear, 2 pre-LN transformer blocks as one
+  ``hk.layer_stack`` of ``hk.remat`` blocks (stacked parameters), a pooled head."""
+
+  def block(h):
+    a = nh.LayerNorm(-1, create_scale=True, create_offset=True)(h)
+    h = h + nh.MultiHeadAttention(num_heads=2, key_size=4, w_init=_w_init())(a, a, a)
+    a = nh.LayerNorm(-1, create_scale=True, create_offset=True)(h)
+    return h + ntklayers.Linear(8)(jax.nn.gelu(ntklayers.Linear(12)(a)))
+
+  x = ntklayers.Linear(8)(x)
+  x = hk.layer_stack(2)(hk.remat(block))(x)
+  return ntklayers.Linear(3)(x.mean(axis=1))
+
+
 def scan_rnn(x):
   """[N, T=4, C=3]: an RNN written with ``hk.scan``."""
   cell = ntklayers.Linear(6, name="cell")
@@ -344,6 +359,7 @@ MODELS: tuple[ModelDescriptor, ...] = (
     descriptor("remat", remat_model, (5,)),
     descriptor("layer_stack", layer_stack_model, (5,)),
     descriptor("scan_rnn", scan_rnn, (4, 3)),
+    descriptor("scanned_blocks", scanned_blocks, (3, 8)),
 )
 
 # The classes of models of issue #6 (tests/models_classes.py; that module imports

@@ -268,6 +268,37 @@ class LinenTransformer(nn.Module):
     return x + fl.Dense(8, param_dtype=pd)(nn.gelu(fl.Dense(16, param_dtype=pd)(h)))
 
 
+class LinenBlock(nn.Module):
+  """One pre-LN transformer block, ``(carry, _) -> (carry, None)`` for ``nn.scan``."""
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, _):
+    pd = self.dtype
+    h = fl.LayerNorm(param_dtype=pd)(x)
+    x = x + fl.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
+                                            param_dtype=pd)(h)
+    h = fl.LayerNorm(param_dtype=pd)(x)
+    return x + fl.Dense(8, param_dtype=pd)(nn.gelu(fl.Dense(12, param_dtype=pd)(h))), None
+
+
+class LinenScannedBlocks(nn.Module):
+  """[N, T=3, d=8]: Dense, 2 blocks as ``nn.scan(nn.remat(LinenBlock))`` with stacked
+  params, a pooled Dense head."""
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    pd = self.dtype
+    x = fl.Dense(8, param_dtype=pd)(x)
+    stack = nn.scan(nn.remat(LinenBlock), variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=2)
+    x, _ = stack(pd)(x, None)
+    return fl.Dense(3, param_dtype=pd)(x.mean(axis=1))
+
+
 class LinenMixed(nn.Module):
   """Annotated Dense layers around a plain ``nn.Dense`` and a plain ``nn.LayerNorm``."""
 
@@ -456,6 +487,14 @@ FLAX_MODELS: tuple[FlaxModelDescriptor, ...] = (
             f"{_ATT}/out", "LayerNorm_1", "Dense_0", "Dense_1"),
            out_rank=3, apply_kwargs=lambda dtype: {"mask": causal_mask(4)},
            standard=True),
+    _linen("linen_scanned_blocks", LinenScannedBlocks, (3, 8),
+           ("Dense_0", "ScanCheckpointLinenBlock_0/LayerNorm_0",
+            f"ScanCheckpointLinenBlock_0/{_ATT}/query",
+            f"ScanCheckpointLinenBlock_0/{_ATT}/key",
+            f"ScanCheckpointLinenBlock_0/{_ATT}/value",
+            f"ScanCheckpointLinenBlock_0/{_ATT}/out",
+            "ScanCheckpointLinenBlock_0/LayerNorm_1", "ScanCheckpointLinenBlock_0/Dense_0",
+            "ScanCheckpointLinenBlock_0/Dense_1", "Dense_1"), standard=True),
     _linen("linen_mixed_plain", LinenMixed, (5,),
            ("Dense_0", "Dense_1", "LayerNorm_0", "Dense_2"), standard=True),
     _linen("linen_batchnorm_eval", LinenBatchNorm, (5,),

@@ -6,7 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from ntklayers import _session
+from ntklayers import adapters
 from ntklayers.flax import _linen_layers as L
 
 
@@ -40,7 +40,7 @@ def interceptor(next_fun, args, kwargs, context):
   module = context.module
   if isinstance(module, nn.BatchNorm):
     if _training(module, args, kwargs):
-      _session.declare_coupled(_module_name(module))
+      adapters.declare_coupled(_module_name(module))
     return next_fun(*args, **kwargs)
   found = _describer(module)
   if found is None:
@@ -50,9 +50,12 @@ def interceptor(next_fun, args, kwargs, context):
   kind, config, primal, unsupported = describe(module, *args, **kwargs)
   variables = module.variables.get("params", {})
   params = {role: variables[leaf] for role, leaf in roles.items() if leaf in variables}
-  return _session.tap(kind=kind, config=config, name=_module_name(module), params=params,
+  return adapters.tap(kind=kind, config=config, name=_module_name(module), params=params,
                       primal=primal.astype(out.dtype), out=out, unsupported=unsupported,
                       inputs=(args, kwargs))
 
 
-_session.register_interceptor("flax.linen", lambda: nn.intercept_methods(interceptor))
+def intercept():
+  """The linen interceptor as a context manager (entered only during capture)."""
+  return nn.intercept_methods(interceptor)
+

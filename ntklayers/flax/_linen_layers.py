@@ -10,7 +10,7 @@ interceptor calls during a capture only.
 from __future__ import annotations
 
 import flax.linen as nn
-from flax.linen.linear import canonicalize_padding
+from ntklayers import _jax_compat
 
 from ntklayers.flax import _common
 
@@ -55,7 +55,7 @@ class Conv(nn.Conv):
     return _common.describe_conv(
         inputs, module.kernel_size, module.strides, module.padding,
         module.input_dilation, module.kernel_dilation, module.feature_group_count,
-        module.mask, canonicalize_padding)
+        module.mask, _jax_compat.flax_canonicalize_padding)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -8,13 +8,12 @@ from typing import Any
 import jax
 from flax import nnx
 
-from ntklayers import adapters
+from ntklayers import _jax_compat, adapters
 from ntklayers.flax._nnx_layers import MODULE_PATHS
 
 
 def _iter_modules(model: nnx.Module):
-  it = nnx.iter_modules if hasattr(nnx, "iter_modules") else type(model).iter_modules
-  for path, module in it(model):
+  for path, module in _jax_compat.nnx_iter_modules(model):
     yield "/".join(str(p) for p in path), module
 
 

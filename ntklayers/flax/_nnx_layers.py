@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextvars
 
 from flax import nnx
-from flax.nnx.nn.linear import canonicalize_padding
 
-from ntklayers import _session
+from ntklayers import _jax_compat, adapters
 from ntklayers.flax import _common
 
 # {id(module): "path/to/module"} of the model being captured (set by ntk_fn).
@@ -22,8 +21,7 @@ MODULE_PATHS: contextvars.ContextVar[dict[int, str]] = contextvars.ContextVar(
     "ntklayers_nnx_paths", default={})
 
 
-def _value(variable):
-  return variable.get_value() if hasattr(variable, "get_value") else variable.value
+_value = _jax_compat.nnx_value
 
 
 def _tap(module, roles, description, out, inputs):
@@ -34,7 +32,7 @@ def _tap(module, roles, description, out, inputs):
     if isinstance(variable, nnx.Variable):
       params[role] = _value(variable)
   name = MODULE_PATHS.get().get(id(module), type(module).__name__)
-  return _session.tap(kind=kind, config=config, name=name, params=params,
+  return adapters.tap(kind=kind, config=config, name=name, params=params,
                       primal=primal.astype(out.dtype), out=out, unsupported=unsupported,
                       inputs=inputs)
 
@@ -53,7 +51,7 @@ class Linear(nnx.Linear):
 
   def __call__(self, inputs, *args, **kwargs):
     out = super().__call__(inputs, *args, **kwargs)
-    if not _session.capturing():
+    if not adapters.capturing():
       return out
     return _tap(self, {"w": "kernel", "b": "bias"},
                 _common.describe_dense_general(inputs, -1, self.out_features), out,
@@ -65,7 +63,7 @@ class LinearGeneral(nnx.LinearGeneral):
 
   def __call__(self, inputs, *args, **kwargs):
     out = super().__call__(inputs, *args, **kwargs)
-    if not _session.capturing():
+    if not adapters.capturing():
       return out
     return _tap(self, {"w": "kernel", "b": "bias"},
                 _common.describe_dense_general(inputs, self.axis, self.out_features,
@@ -78,13 +76,13 @@ class Conv(nnx.Conv):
 
   def __call__(self, inputs, *args, **kwargs):
     out = super().__call__(inputs, *args, **kwargs)
-    if not _session.capturing():
+    if not adapters.capturing():
       return out
     mask = self.mask if self.mask is None else _value(self.mask) if isinstance(
         self.mask, nnx.Variable) else self.mask
     return _tap(self, {"w": "kernel", "b": "bias"}, _common.describe_conv(
         inputs, self.kernel_size, self.strides, self.padding, self.input_dilation,
-        self.kernel_dilation, self.feature_group_count, mask, canonicalize_padding), out,
+        self.kernel_dilation, self.feature_group_count, mask, _jax_compat.flax_canonicalize_padding), out,
         (inputs, args, kwargs))
 
 
@@ -94,7 +92,7 @@ class LayerNorm(nnx.LayerNorm):
 
   def __call__(self, x, *, mask=None):
     out = super().__call__(x, mask=mask)
-    if not _session.capturing():
+    if not adapters.capturing():
       return out
     kind, config, primal, unsupported = _common.describe_layer_norm(
         x, self.reduction_axes, self.feature_axes, self.epsilon,

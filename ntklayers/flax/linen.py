@@ -1,6 +1,7 @@
 """Annotated flax.linen layers (drop-ins) and the linen kernel entry point."""
 
-from ntklayers.flax import _linen_intercept  # noqa: F401  (registers the interceptor)
+from ntklayers import adapters as _adapters
+from ntklayers.flax._linen_intercept import intercept as _intercept
 from ntklayers.flax._linen_kernel import ntk_fn
 from ntklayers.flax._linen_layers import Conv
 from ntklayers.flax._linen_layers import Dense
@@ -8,6 +9,8 @@ from ntklayers.flax._linen_layers import DenseGeneral
 from ntklayers.flax._linen_layers import LayerNorm
 from ntklayers.flax._linen_layers import MultiHeadAttention
 from ntklayers.flax._linen_layers import MultiHeadDotProductAttention
+
+_adapters.register_interceptor("flax.linen", _intercept)
 
 __all__ = (
     "Conv",

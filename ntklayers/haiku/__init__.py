@@ -13,6 +13,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       "`pip install 'ntklayers[haiku]'` (or `pip install dm-haiku`).") from e
 
 from ntklayers.haiku._attention import MultiHeadAttention
+from ntklayers import adapters as _adapters
+from ntklayers.haiku._intercept import intercept as _intercept
 from ntklayers.haiku._intercept import interceptor
 from ntklayers.haiku._layers import Conv1D
 from ntklayers.haiku._layers import Conv2D
@@ -20,6 +22,8 @@ from ntklayers.haiku._layers import Conv3D
 from ntklayers.haiku._layers import ConvND
 from ntklayers.haiku._layers import LayerNorm
 from ntklayers.haiku._layers import Linear
+
+_adapters.register_interceptor("haiku", _intercept)
 
 __all__ = (
     "Conv1D",

@@ -9,19 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import haiku as hk
-from haiku._src import base as _hk_base  # only for the custom-getter check below
-
-from ntklayers import _session
-
-
-def _custom_getters_active() -> bool:
-  """Whether ``hk.custom_getter``s (or mixed precision) transform parameters.
-
-  Such getters change the values a layer uses after it read them from
-  ``params``, so its factors would pair with the wrong parameters. Haiku has no
-  public query for this; the getter stack is read directly.
-  """
-  return bool(getattr(_hk_base, "param_getter_stack", ()))
+from ntklayers import _jax_compat, adapters
 
 
 def _is_false(value: Any) -> bool:
@@ -37,23 +25,26 @@ def interceptor(next_fun, args, kwargs, ctx: hk.MethodContext):
     training = args[1] if len(args) > 1 else kwargs.get("is_training")
     local = kwargs.get("test_local_stats", args[2] if len(args) > 2 else False)
     if not (_is_false(training) and _is_false(local)):
-      _session.declare_coupled(module.module_name)
+      adapters.declare_coupled(module.module_name)
     return next_fun(*args, **kwargs)
   describe = getattr(module, "_ntk_describe", None)
   if describe is None or ctx.orig_class is not module._ntk_base:  # pylint: disable=protected-access
     return next_fun(*args, **kwargs)
   out = next_fun(*args, **kwargs)
   kind, config, primal, unsupported = describe(*args, **kwargs)
-  if _custom_getters_active():
+  if _jax_compat.haiku_custom_getters_active():  # factors would pair with other values
     unsupported = "its parameters pass through hk.custom_getter (e.g. mixed precision)"
   prefix = module.module_name + "/"
   params = {k[len(prefix):]: v for k, v in module.params_dict().items()
             if k.startswith(prefix) and "/" not in k[len(prefix):]}
   params = {role: params[leaf] for role, leaf in module._ntk_roles.items()  # pylint: disable=protected-access
             if leaf in params}
-  return _session.tap(kind=kind, config=config, name=module.module_name,
+  return adapters.tap(kind=kind, config=config, name=module.module_name,
                       params=params, primal=primal, out=out, unsupported=unsupported,
                       inputs=(args, kwargs))
 
 
-_session.register_interceptor("haiku", lambda: hk.intercept_methods(interceptor))
+def intercept():
+  """The Haiku interceptor as a context manager (entered only during capture)."""
+  return hk.intercept_methods(interceptor)
+
