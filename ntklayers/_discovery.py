@@ -241,10 +241,36 @@ def _taint(jaxpr, in_taint: list[int], captured, path: Path) -> list[int]:
       inner_jaxpr, _ = _jax_compat.body(eqn)
       outs = _taint(inner_jaxpr, t_in, captured, here)
     else:
-      outs = [_union(t_in)] * len(eqn.outvars)
+      outs = _taint_other(eqn, t_in, captured, here)
     for v, t in zip(eqn.outvars, outs):
       env[v] = t
   return [read(v) for v in jaxpr.outvars]
+
+
+def _taint_other(eqn, t_in: list[int], captured, here: Path) -> list[int]:
+  """Taints through ``cond`` (any branch) and ``while`` (carries to a fixed point);
+  any other equation (``custom_jvp``/``custom_vjp`` included, whose derivative
+  rules need not follow their primal data flow): every output depends on every
+  input."""
+  n_out = len(eqn.outvars)
+  branches = _jax_compat.cond_branches(eqn)
+  if branches is not None:
+    outs = [t_in[0]] * n_out  # the branch index affects every output
+    for j, b in enumerate(branches):
+      outs = [a | c for a, c in zip(outs, _taint(b, t_in[1:], captured, here + (-1 - j,)))]
+    return outs
+  parts = _jax_compat.while_parts(eqn)
+  if parts is not None:
+    cond, body, nc, nb = parts
+    cconsts, bconsts, carry = t_in[:nc], t_in[nc:nc + nb], t_in[nc + nb:]
+    while True:
+      pred = _union(_taint(cond, cconsts + carry, captured, here + (-1,)))
+      out = _taint(body, bconsts + carry, captured, here + (-2,))
+      new = [a | b | pred for a, b in zip(carry, out)]
+      if new == carry:
+        return carry
+      carry = new
+  return [_union(t_in)] * n_out
 
 
 def _union(taints: list[int]) -> int:

@@ -102,6 +102,23 @@ def remat_params(eqn: Any) -> dict[str, Any]:
           "policy": eqn.params.get("policy")}
 
 
+def cond_branches(eqn: Any) -> list | None:
+  """The branch jaxprs of a ``cond`` equation (operands: index, then the branches'
+  inputs), or ``None`` for other equations."""
+  if eqn.primitive.name != "cond":
+    return None
+  return [b.jaxpr if isinstance(b, ClosedJaxpr) else b for b in eqn.params["branches"]]
+
+
+def while_parts(eqn: Any):
+  """``(cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts)`` of a ``while`` equation
+  (operands: cond consts, body consts, carry), or ``None`` for other equations."""
+  if eqn.primitive.name != "while":
+    return None
+  p = eqn.params
+  return p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr, p["cond_nconsts"], p["body_nconsts"]
+
+
 def has_body(eqn: Any) -> bool:
   """Whether the equation holds nested programs (scan, cond, while, custom_jvp, ...)."""
   return any(True for _ in jaxprs_in_params(eqn.params))
