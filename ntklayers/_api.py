@@ -13,6 +13,7 @@ from ntklayers import _checks
 from ntklayers._capture import capture_with, prepare
 from ntklayers._contract import all_finite, contract_unchecked, report_nonfinite
 from ntklayers._options import Options, StaticKwargs, split_kwargs
+from ntklayers._plan import collecting_notes, emit_note
 
 KernelFn = Callable[..., "jax.Array | dict[str, jax.Array]"]
 
@@ -84,11 +85,12 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
                            trainable=trainable, independent_samples=independent_samples,
                            precision=precision)
 
+  warned: set = set()  # fallback warnings are per kernel function
+
   def kernel_fn(params: Any, x1: Any, x2: Any = None, **model_kwargs: Any):
     _checks.check_pair(x1, x2)
     dynamic, static = split_kwargs(model_kwargs)
-    result, ok = _jitted_kernel(f, options, static, params, x1, x2, dynamic)
-    return checked(result, ok)
+    return checked(_jitted_kernel(f, options, static, params, x1, x2, dynamic), warned)
 
   kernel_fn.__doc__ = ("kernel_fn(params, x1, x2=None, **model_kwargs) -> NTK; see "
                        "ntklayers.ntk_fn.")
@@ -105,37 +107,59 @@ def _jitted_kernel(f: Callable, options: Options, static: StaticKwargs, params: 
 
 
 def with_kwargs(f: Callable, kwargs: dict[str, Any]) -> Callable:
-  """``f`` with extra keyword arguments bound (warnings still name ``f``'s owner)."""
+  """``f`` with extra keyword arguments bound."""
   if not kwargs:
     return f
 
   def bound(params, x):
     return f(params, x, **kwargs)
 
-  bound.__ntk_owner__ = getattr(f, "__ntk_owner__", f)
   return bound
 
 
-def checked(result, ok):
-  """Reports a non-finite kernel (see :func:`kernel` and
-  :func:`ntklayers._contract.report_nonfinite`) and returns it."""
-  report_nonfinite(ok)
-  return result
+@jax.tree_util.register_pytree_node_class
+class KernelResult:
+  """What :func:`kernel` returns: the kernel, whether it is finite, and (static,
+  so that they come back from ``jax.jit``'s cache too) the fallback notes."""
+
+  def __init__(self, value: Any, ok: Any, notes: tuple = ()):
+    self.value, self.ok, self.notes = value, ok, notes
+
+  def tree_flatten(self):
+    return (self.value, self.ok), self.notes
+
+  @classmethod
+  def tree_unflatten(cls, notes, children):
+    return cls(*children, notes)
 
 
-def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options):
+def checked(result: KernelResult, warned: set | None = None):
+  """Warns about a non-finite kernel (see :func:`ntklayers._contract.report_nonfinite`)
+  and about parameters on the fallback (once per note and ``warned`` set, i.e. per
+  kernel function); returns the kernel."""
+  report_nonfinite(result.ok)
+  warned = set() if warned is None else warned
+  for note in result.notes:
+    if note not in warned:
+      warned.add(note)
+      emit_note(note, stacklevel=4)
+  return result.value
+
+
+def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options) -> KernelResult:
   """``contract(capture(x1), capture(x2))``, the body of every kernel function.
 
-  Both batches are discovered first and share one plan. Returns
-  ``(kernel, all_finite)``; pass them to :func:`checked`.
+  Both batches are discovered first and share one plan. Call it inside
+  ``jax.jit``; pass its result to :func:`checked` outside.
   """
   xs = (x1,) if x2 is None else (x1, x2)
-  setup = prepare(f, params, xs, implementation=options.implementation,
-                  trainable=options.mask, independent_samples=options.independent_samples)
+  with collecting_notes() as notes:
+    setup = prepare(f, params, xs, implementation=options.implementation,
+                    trainable=options.mask, independent_samples=options.independent_samples)
   c1 = capture_with(setup, params, x1)
   c2 = None if x2 is None else capture_with(setup, params, x2)
   result = contract_unchecked(c1, c2, options)
-  return result, all_finite(result)
+  return KernelResult(result, all_finite(result), tuple(notes))
 
 
 def ntk(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: Any = None,

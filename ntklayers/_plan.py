@@ -7,10 +7,11 @@ that read exactly that set of leaves, cross terms included) or by the fallback.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import warnings
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -19,31 +20,47 @@ from ntklayers import _jax_compat
 from ntklayers._discovery import NO_PARAMS, CallRecord
 from ntklayers._rules import get_rule
 
-# Warnings already given, per model function `f` (weakly held) and per layer/reason.
-_WARNED: "weakref.WeakKeyDictionary[Callable, set[tuple]]" = (
-    weakref.WeakKeyDictionary())
-_WARNED_STRONG: dict[Any, set[tuple]] = {}
+# A fallback note: (layer name, parameter role or None, reason).
+Note = tuple[str, "str | None", str]
+
+_NOTES: contextvars.ContextVar["list[Note] | None"] = contextvars.ContextVar(
+    "ntklayers_notes", default=None)
+
+
+@contextlib.contextmanager
+def collecting_notes() -> Iterator["list[Note]"]:
+  """Collects the fallback notes made while planning (instead of warning at once)."""
+  notes: list[Note] = []
+  token = _NOTES.set(notes)
+  try:
+    yield notes
+  finally:
+    _NOTES.reset(token)
 
 
 def warn_once(f: Callable | None, name: str, reason: str, role: str | None = None) -> None:
-  """Warns once per model ``f``, layer (and parameter role) and reason that a
-  layer's parameters go to the exact fallback. Adapters that build ``f`` per trace
-  name the user's model as ``f.__ntk_owner__``."""
-  f = getattr(f, "__ntk_owner__", f)
-  try:
-    seen = _WARNED.setdefault(f, set())
-  except TypeError:  # not weakly referenceable: by value if hashable, else by id
-    try:
-      seen = _WARNED_STRONG.setdefault(f, set())
-    except TypeError:
-      seen = _WARNED_STRONG.setdefault(id(f), set())
-  if (name, role, reason) in seen:
-    return
-  seen.add((name, role, reason))
+  """Notes that a layer's (or one parameter's) leaves go to the exact fallback.
+
+  Inside :func:`collecting_notes` (every kernel function) the note is collected
+  and the kernel function warns once per note; elsewhere (``capture``) it warns
+  now. ``f`` is unused (kept for call sites naming the model).
+  """
+  del f
+  notes = _NOTES.get()
+  note = (name, role, reason)
+  if notes is None:
+    emit_note(note, stacklevel=5)
+  elif note not in notes:
+    notes.append(note)
+
+
+def emit_note(note: Note, stacklevel: int = 3) -> None:
+  """Warns (``UserWarning``) that a layer's parameters use the exact fallback."""
+  name, role, reason = note
   subject = f"layer {name!r}" if role is None else f"parameter {role!r} of layer {name!r}"
   warnings.warn(
       f"ntklayers: {subject} is handled by the exact generic fallback because "
-      f"{reason}.", UserWarning, stacklevel=5)
+      f"{reason}.", UserWarning, stacklevel=stacklevel)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ Equinox, say) without private imports. An adapter does three things:
    keyword options (:meth:`Options.create` validates them, once), write
    ``f(params, x)`` for the framework's model, and inside ``jax.jit`` return
    :func:`kernel` ``(f, params, x1, x2, options)``; outside, pass its result to
-   :func:`checked`. Extra model arguments go through :func:`split_kwargs`.
+   :func:`checked` with a ``set`` owned by the kernel function (fallback
+   warnings are given once per kernel function). Extra model arguments go through :func:`split_kwargs`.
 
 Example (a toy adapter for a function with one weight matrix):
   >>> import jax, jax.numpy as jnp
@@ -33,8 +34,8 @@ Example (a toy adapter for a function with one weight matrix):
   ...                       params={"w": w}, primal=x, out=x @ w)
   >>> options = adapters.Options.create(trace_axes=(-1,))
   >>> x = jnp.ones((3, 2))
-  >>> k = adapters.checked(*jax.jit(lambda w, x: adapters.kernel(layer, w, x, None,
-  ...                                                             options))(jnp.ones((2, 4)), x))
+  >>> k = adapters.checked(jax.jit(lambda w, x: adapters.kernel(layer, w, x, None,
+  ...                                                            options))(jnp.ones((2, 4)), x))
   >>> k.shape
   (3, 3)
 """

@@ -284,8 +284,8 @@ def test_independent_samples_false_on_independent_model_is_exact(name):
 
 # ------------------------------------------------------- fallback warnings ---
 
-# ntklayers warns once per (module, reason) per process, so each test builds a
-# model with module names that no other test uses.
+# ntklayers warns once per kernel function and (module, reason); each test still
+# builds a model with module names that no other test uses.
 _UID = itertools.count()
 
 
@@ -373,9 +373,11 @@ def test_fallback_warning_and_exact(kind):
   messages = [str(w.message) for w in record if FALLBACK_WARNING[:10] in str(w.message)]
   assert any(name in m and reason in m for m in messages), messages
   assert_rel_close(k, reference_ntk(net.apply, params, x1, x2), TOL64)
-  # Once per module: a new kernel_fn (a new trace) does not warn again (warnings
-  # are errors in this suite). Tracing is enough: no need to compile.
-  jax.eval_shape(ntklayers.ntk_fn(net.apply, trace_axes=(-1,)), params, x1, x2)
+  # Once per kernel function: calling it again does not warn (warnings are errors
+  # in this suite); a new kernel function warns again (tracing is enough).
+  kernel_fn(params, x1, x2)
+  with pytest.warns(UserWarning, match=FALLBACK_WARNING):
+    jax.eval_shape(ntklayers.ntk_fn(net.apply, trace_axes=(-1,)), params, x1, x2)
 
 
 # ----------------------------------------------------------- non-finite ---

@@ -57,10 +57,10 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
       out = module.apply({"params": p, **rest}, x, method=method, mutable=mutable,
                          **apply_kwargs)
       return out[0] if mutable else out
-    f.__ntk_owner__ = module  # warnings are de-duplicated per module, not per trace
     return adapters.kernel(f, params, x1, x2, options)
 
   jitted = jax.jit(body, static_argnums=(5,))
+  warned: set = set()  # fallback warnings are per kernel function
 
   def kernel_fn(variables: Mapping[str, Any], x1: Any, x2: Any = None, **apply_kwargs):
     if not isinstance(variables, Mapping) or "params" not in variables:
@@ -71,6 +71,6 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
     adapters.check_pair(x1, x2)
     rest = {k: v for k, v in variables.items() if k != "params"}
     dynamic, static = adapters.split_kwargs(apply_kwargs)
-    return adapters.checked(*jitted(variables["params"], rest, x1, x2, dynamic, static))
+    return adapters.checked(jitted(variables["params"], rest, x1, x2, dynamic, static), warned)
 
   return kernel_fn

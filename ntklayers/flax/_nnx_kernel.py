@@ -64,10 +64,10 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
         return model(x)
       finally:
         MODULE_PATHS.reset(token)
-    f.__ntk_owner__ = graphdef  # warnings are de-duplicated per model, not per trace
     return adapters.kernel(f, params, x1, x2, options)
 
   jitted = jax.jit(body, static_argnums=0)
+  warned: set = set()  # fallback warnings are per kernel function
 
   def kernel_fn(model: Any, x1: Any, x2: Any = None):
     if isinstance(model, nnx.Module):
@@ -79,6 +79,6 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
           f"`model` must be an nnx.Module or (graphdef, params, *states) from "
           f"nnx.split; got {type(model).__name__}.")
     adapters.check_pair(x1, x2)
-    return adapters.checked(*jitted(graphdef, params, tuple(rest), x1, x2))
+    return adapters.checked(jitted(graphdef, params, tuple(rest), x1, x2), warned)
 
   return kernel_fn
