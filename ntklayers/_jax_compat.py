@@ -46,8 +46,10 @@ def make_tag_primitive(on_vmap: Callable[[Any], Any]) -> Primitive:
   * abstract evaluation and lowering: ``out`` itself (free in compiled code);
   * JVP: the tangent of ``out`` passes through (the layer's own equations already
     differentiate ``out`` with respect to everything it depends on);
-  * batching (``vmap``): the tag is re-bound on the batched operands with
-    ``meta = on_vmap(meta)``; ``out`` keeps its batch dimension.
+  * batching (``vmap``): ``on_vmap(meta, dims)`` (``dims``: the operands' batch
+    axes, ``None`` where unbatched) returns ``(meta, move)``; with ``move`` the
+    batched operands get their batch axis at the front (the new leading axis of
+    the layer's rows), otherwise the tag is re-bound as it is.
   """
   tag = Primitive("ntk_tag")
   tag.def_impl(lambda out, *rest, meta: out)
@@ -59,7 +61,12 @@ def make_tag_primitive(on_vmap: Callable[[Any], Any]) -> Primitive:
     return tag.bind(*primals, meta=meta), _ad.instantiate_zeros(tangents[0])
 
   def batch(args, dims, *, meta):
-    return tag.bind(*args, meta=on_vmap(meta)), dims[0]
+    dims = [d if isinstance(d, int) else None for d in dims]  # not_mapped -> None
+    meta, move = on_vmap(meta, dims)
+    if not move:
+      return tag.bind(*args, meta=meta), dims[0]
+    args = [a if d is None else jax.numpy.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    return tag.bind(*args, meta=meta), 0
 
   _ad.primitive_jvps[tag] = jvp
   _batching.primitive_batchers[tag] = batch

@@ -166,7 +166,7 @@ def analyze(jaxpr, in_anns):
     out_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars]
     outs = _batch_rule(eqn, anns, shapes, out_shapes)
     for v, a in zip(eqn.outvars, outs):
-      env[v] = a
+      env[v] = a if isinstance(a, frozenset) else int(a)  # NumPy ints from params
   return [read(v) for v in jaxpr.outvars]
 
 

@@ -40,12 +40,16 @@ class Rule:
     canonicalize: ``(config, x [M, ...], g [B, M, ...]) -> (x_c, g_c)``.
     unsupported: ``(config, x_shape) -> reason or None``.
     flops: ``(config, x_shape, y_shape) -> forward FLOPs per example``.
+    vmappable: whether the config stays valid when ``vmap`` adds a leading axis to
+      the primal and output (true when it only refers to trailing axes, as the
+      dense rule; configs with absolute axes or ranks must say ``False``).
   """
 
   op: Op
   canonicalize: Canonicalize
   unsupported: Callable[[Any, tuple[int, ...]], str | None]
   flops: Callable[[Any, tuple[int, ...], tuple[int, ...]], float]
+  vmappable: bool = False
 
   @property
   def roles(self) -> tuple[str, ...]:
@@ -104,8 +108,8 @@ def _dense_flops(cfg, x_shape, y_shape) -> float:
   return 2.0 * math.prod(x_shape[1:]) * math.prod(y_shape[len(y_shape) - cfg.out_axes:])
 
 
-register_rule("dense", Rule(AFFINE, _dense_canonicalize,
-                            _dense_unsupported, _dense_flops))
+register_rule("dense", Rule(AFFINE, _dense_canonicalize, _dense_unsupported, _dense_flops,
+                            vmappable=True))
 
 
 # ------------------------------------------------------------------ conv ---
@@ -219,3 +223,6 @@ def _scale_flops(cfg, x_shape, y_shape) -> float:
 
 register_rule("scale", Rule(SCALE, _scale_canonicalize,
                             _scale_unsupported, _scale_flops))
+
+
+from ntklayers import _rules_embed  # noqa: E402,F401  (registers "embed")

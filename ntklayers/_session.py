@@ -28,8 +28,8 @@ from ntklayers import _jax_compat
 
 InterceptorFactory = Callable[[], ContextManager[Any]]
 
-VMAPPED = ("it runs under jax.vmap (a vmapped layer is not structured yet; its "
-           "parameters use the exact fallback)")
+VMAPPED = ("it runs under vmap with batched parameters or a rule that cannot "
+           "take a new leading axis (only dense layers with unbatched parameters can)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +51,18 @@ class TagMeta:
   unsupported: str | None = None
 
 
-def _on_vmap(meta: TagMeta) -> TagMeta:
-  return dataclasses.replace(meta, unsupported=meta.unsupported or VMAPPED)
+def _on_vmap(meta: TagMeta, dims: list) -> tuple[TagMeta, bool]:
+  """A vmapped call stays structured when its rule takes a new leading row axis
+  (``Rule.vmappable``), its parameters are not batched and its output and primal
+  are: the vmapped axis becomes the rows' leading axis."""
+  from ntklayers._rules import get_rule  # pylint: disable=g-import-not-at-top
+  rule = get_rule(meta.kind)
+  params = dims[2:2 + len(meta.roles)]
+  if (meta.unsupported is None and rule is not None and rule.vmappable
+      and dims[0] is not None and dims[1] is not None
+      and all(d is None for d in params)):
+    return meta, True
+  return dataclasses.replace(meta, unsupported=meta.unsupported or VMAPPED), False
 
 
 TAG = _jax_compat.make_tag_primitive(_on_vmap)

@@ -320,6 +320,11 @@ def _vmap(x, name):
   return ntklayers.Linear(2)(h)
 
 
+def _vmap_layer_norm(x, name):
+  h = hk.vmap(lambda xi: nh.LayerNorm(-1, True, True, name=name)(xi), split_rng=False)(x)
+  return ntklayers.Linear(2)(h)
+
+
 def _custom_getter(x, name):
   def double(next_getter, value, context):
     del context
@@ -338,13 +343,15 @@ def _masked_conv(x, name):
 
 
 FALLBACK_MODELS = {
-    "vmap": (_vmap, "jax.vmap"),
+    "vmap_layer_norm": (_vmap_layer_norm, "runs under vmap"),
     "masked_conv": (_masked_conv, "masked"),
 }
 
-# Layers inside hk.remat, hk.layer_stack and hk.scan are captured structurally (their
-# structure tags survive the transforms): no fallback, no warning, exact.
-STRUCTURED_MODELS = {"remat": _remat, "layer_stack": _layer_stack, "scan": _scan}
+# Layers inside hk.remat, hk.layer_stack, hk.scan and (dense, unbatched weights)
+# hk.vmap are captured structurally (their structure tags survive the transforms):
+# no fallback, no warning, exact.
+STRUCTURED_MODELS = {"remat": _remat, "layer_stack": _layer_stack, "scan": _scan,
+                     "vmap": _vmap}
 
 
 @pytest.mark.parametrize("kind", sorted(STRUCTURED_MODELS))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import ntklayers
+import ntklayers.haiku as nh
 from ntklayers import _capture, _replay
 from reference import assert_rel_close, reference_ntk
 
@@ -111,10 +112,11 @@ def test_tied_decoder_weight_goes_to_fallback_with_one_warning():
 
 def test_warnings_are_per_model_not_per_layer_name():
   def model_a(x):
-    return hk.vmap(lambda h: ntklayers.Linear(3, name="inner")(h), split_rng=False)(x)
+    return hk.vmap(lambda h: nh.LayerNorm(-1, True, True, name="inner")(h),
+                   split_rng=False)(x)
 
   def model_b(x):
-    return hk.vmap(lambda h: ntklayers.Linear(2, name="inner")(jnp.tanh(h)),
+    return hk.vmap(lambda h: nh.LayerNorm(-1, True, False, name="inner")(jnp.tanh(h)),
                    split_rng=False)(x)
 
   for fn in (model_a, model_b):
