@@ -30,10 +30,12 @@ def _declare_batch_coupling(model: nnx.Module) -> None:
 def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequence[int] = (),
            implementation: str = "auto", layerwise: bool = False, trainable: Any = None,
            independent_samples: bool | None = None, precision: str = "highest"):
-  """Returns ``kernel_fn(model, x1, x2=None)`` for ``flax.nnx`` models.
+  """Returns ``kernel_fn(model, x1, x2=None, **model_kwargs)`` for ``flax.nnx`` models.
 
   ``model`` is an ``nnx.Module``, or ``(graphdef, params, *other_states)`` from
-  ``nnx.split(model, nnx.Param, ...)``. Only ``nnx.Param`` state is
+  ``nnx.split(model, nnx.Param, ...)``; ``model_kwargs`` are passed to
+  ``model(x, **model_kwargs)`` (array leaves traced, other leaves static and
+  hashable), as with the Haiku and linen entry points. Only ``nnx.Param`` state is
   differentiated; ``BatchStat`` and other state is held fixed (a BatchNorm with
   ``use_running_average=False``, i.e. after ``model.train()``, is detected as
   making samples interact). Options and output layout are those of
@@ -53,7 +55,9 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
       layerwise=layerwise, trainable=trainable, independent_samples=independent_samples,
       precision=precision)
 
-  def body(graphdef, params, rest, x1, x2):
+  def body(graphdef, static, params, rest, x1, x2, dynamic):
+    kwargs = static.merge(dynamic)
+
     def f(p, x):
       # Fresh Variables, created at the current trace level (NNX checks it).
       p, states = jax.tree.map(lambda a: a, (p, rest))
@@ -61,15 +65,15 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
       _declare_batch_coupling(model)
       token = MODULE_PATHS.set(_paths(model))
       try:
-        return model(x)
+        return model(x, **kwargs)
       finally:
         MODULE_PATHS.reset(token)
     return adapters.kernel(f, params, x1, x2, options)
 
-  jitted = jax.jit(body, static_argnums=0)
+  jitted = jax.jit(body, static_argnums=(0, 1))
   warned: set = set()  # fallback warnings are per kernel function
 
-  def kernel_fn(model: Any, x1: Any, x2: Any = None):
+  def kernel_fn(model: Any, x1: Any, x2: Any = None, **model_kwargs: Any):
     if isinstance(model, nnx.Module):
       graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
     elif isinstance(model, tuple) and len(model) >= 2:
@@ -79,6 +83,8 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
           f"`model` must be an nnx.Module or (graphdef, params, *states) from "
           f"nnx.split; got {type(model).__name__}.")
     adapters.check_pair(x1, x2)
-    return adapters.checked(jitted(graphdef, params, tuple(rest), x1, x2), warned)
+    dynamic, static = adapters.split_kwargs(model_kwargs)
+    return adapters.checked(jitted(graphdef, static, params, tuple(rest), x1, x2, dynamic),
+                            warned)
 
   return kernel_fn
