@@ -2,7 +2,8 @@
 
 Models (same architecture; float32, ``[N, T, D] = [16, 16, 64]``, 4 heads, O = 10):
 
-* ``haiku``: ``hk.layer_stack(6)(hk.remat(block))`` (``ntklayers._zoo.scanned_transformer``);
+* ``haiku``: ``hk.layer_stack(6)(hk.remat(block))`` of Haiku drop-ins (as
+  ``ntklayers._zoo.scanned_transformer``);
 * ``linen``: ``nn.scan(nn.remat(Block), variable_axes={"params": 0})`` of linen
   drop-ins (``ntklayers.flax.linen``), timed through ``ntklayers.flax.ntk_fn``.
 
@@ -44,11 +45,33 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def haiku_model(blocks: int):
-  from ntklayers import _zoo  # pylint: disable=g-import-not-at-top
-  m = _zoo.scanned_transformer(blocks=blocks)
-  return m.apply, m.params, m.x, lambda impl: jax.jit(
-      __import__("ntklayers").ntk_fn(m.apply, implementation=impl))
+def haiku_model(blocks: int, n: int = 16, t: int = 16, d: int = 64, heads: int = 4,
+                n_out: int = 10):
+  """``hk.layer_stack(blocks)(hk.remat(block))`` of Haiku drop-ins (defined here, not
+  imported from ``ntklayers._zoo``, so that older revisions can run it too)."""
+  import haiku as hk  # pylint: disable=g-import-not-at-top
+  import ntklayers  # pylint: disable=g-import-not-at-top
+  import ntklayers.haiku as nh  # pylint: disable=g-import-not-at-top
+
+  def block(x):
+    init = hk.initializers.VarianceScaling(1.0)
+    h = nh.LayerNorm(axis=-1, create_scale=True, create_offset=True)(x)
+    x = x + nh.MultiHeadAttention(num_heads=heads, key_size=d // heads,
+                                  w_init=init)(h, h, h)
+    h = nh.LayerNorm(axis=-1, create_scale=True, create_offset=True)(x)
+    h = jax.nn.gelu(ntklayers.Linear(4 * d)(h))
+    return x + ntklayers.Linear(d)(h)
+
+  def fn(x):
+    x = ntklayers.Linear(d)(x)
+    x = hk.layer_stack(blocks)(hk.remat(block))(x)
+    return ntklayers.Linear(n_out)(x.mean(axis=1))
+
+  net = hk.without_apply_rng(hk.transform(fn))
+  kp, kx = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (n, t, d), jnp.float32)
+  params = net.init(kp, x)
+  return net.apply, params, x, lambda impl: ntklayers.ntk_fn(net.apply, implementation=impl)
 
 
 def linen_model(blocks: int, n: int = 16, t: int = 16, d: int = 64, heads: int = 4,
