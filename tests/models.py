@@ -338,6 +338,57 @@ def _batchnorm_build(is_training: bool):
   return build
 
 
+# ------------------------------------- Embed, RMSNorm, GroupNorm, BatchNorm ---
+
+
+def embed_shared_ids(x):
+  """Token ids [N, T=6] from a vocabulary of 5 (ids repeat within and across
+  examples); one ``nh.Embed`` called twice (weight sharing: cross terms)."""
+  emb = nh.Embed(vocab_size=5, embed_dim=6)
+  e = emb(x) + 0.5 * emb(x[:, ::-1])
+  h = jnp.tanh(ntklayers.Linear(8)(e))
+  return ntklayers.Linear(3)(jnp.mean(h, axis=1))
+
+
+def rmsnorm_groupnorm(x):
+  """[N, T=4, C=6]: RMSNorm (two param layouts), GroupNorm (channels last and
+  first, with and without offset)."""
+  x = nh.RMSNorm(axis=-1)(x)
+  x = jnp.tanh(ntklayers.Linear(6)(x))
+  x = nh.GroupNorm(groups=3)(x)
+  x = jnp.swapaxes(nh.GroupNorm(groups=2, axis=(2, 1), create_offset=False,
+                                data_format="channels_first")(jnp.swapaxes(x, 1, 2)), 1, 2)
+  x = nh.RMSNorm(axis=(1, 2), param_axis=(1, 2))(x)
+  return ntklayers.Linear(3)(jnp.mean(x, axis=1))
+
+
+def _bn_dropin_net(x, is_training: bool):
+  x = ntklayers.Linear(8)(x)
+  x = nh.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9)(x, is_training)
+  return ntklayers.Linear(3)(jax.nn.relu(x))
+
+
+def _bn_dropin_build(is_training: bool):
+  """As ``_batchnorm_build`` with the drop-in ``nh.BatchNorm``."""
+  x_shape = (5,)
+
+  def build(dtype) -> Built:
+    net = hk.without_apply_rng(hk.transform_with_state(_bn_dropin_net))
+    x1, x2 = make_inputs(x_shape, dtype)
+    with _haiku_strict_exception():
+      params, state = init_params(functools.partial(net.init, is_training=True), dtype, x1)
+
+    def f(params, x):
+      ctx = _haiku_strict_exception() if is_training else contextlib.nullcontext()
+      with ctx:
+        out, _ = net.apply(params, state, x, is_training)
+      return out
+
+    return Built(f, params, x1, x2)
+
+  return build
+
+
 # -------------------------------------------------------------- registry ---
 
 MODELS: tuple[ModelDescriptor, ...] = (
@@ -360,6 +411,10 @@ MODELS: tuple[ModelDescriptor, ...] = (
     descriptor("layer_stack", layer_stack_model, (5,)),
     descriptor("scan_rnn", scan_rnn, (4, 3)),
     descriptor("scanned_blocks", scanned_blocks, (3, 8)),
+    descriptor("embed_shared_ids", embed_shared_ids, (6,), vocab=5),
+    descriptor("rmsnorm_groupnorm", rmsnorm_groupnorm, (4, 6)),
+    ModelDescriptor("batchnorm_infer_dropin", _bn_dropin_build(False), (5,)),
+    ModelDescriptor("batchnorm_train_dropin", _bn_dropin_build(True), (5,), coupled=True),
 )
 
 # The classes of models of issue #6 (tests/models_classes.py; that module imports

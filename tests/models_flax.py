@@ -445,6 +445,77 @@ class NnxEmbed(nnx.Module):
     return self.head(jnp.mean(h, axis=1))
 
 
+# ------------------------------ Embed, RMSNorm, GroupNorm, BatchNorm drop-ins ---
+
+
+class LinenEmbedDropIn(nn.Module):
+  """Ids [N, T=6] from a vocabulary of 5 (repeated ids); one ``Embed`` called twice."""
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    pd = self.dtype
+    emb = fl.Embed(num_embeddings=5, features=6, param_dtype=pd)
+    e = emb(x) + 0.5 * emb(x[:, ::-1])
+    h = jnp.tanh(fl.Dense(8, param_dtype=pd)(e))
+    return fl.Dense(3, param_dtype=pd)(jnp.mean(h, axis=1))
+
+
+class LinenNormsDropIn(nn.Module):
+  """[N, T=4, C=6]: RMSNorm, GroupNorm (``num_groups``; ``group_size`` without bias),
+  BatchNorm (``train`` flag), Dense layers."""
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    pd = self.dtype
+    x = fl.RMSNorm(param_dtype=pd)(x)
+    x = jnp.tanh(fl.Dense(6, param_dtype=pd)(x))
+    x = fl.GroupNorm(num_groups=3, param_dtype=pd)(x)
+    x = fl.GroupNorm(num_groups=None, group_size=3, reduction_axes=(-1,), use_bias=False,
+                     param_dtype=pd)(x)
+    x = fl.BatchNorm(use_running_average=not train, momentum=0.9, param_dtype=pd)(x)
+    return fl.Dense(3, param_dtype=pd)(jnp.mean(x, axis=1))
+
+
+class NnxEmbedDropIn(nnx.Module):
+  """As :class:`LinenEmbedDropIn`."""
+
+  def __init__(self, dtype, rngs: nnx.Rngs):
+    kw = dict(param_dtype=dtype, rngs=rngs)
+    self.embed = fx.Embed(5, 6, **kw)
+    self.proj = fx.Linear(6, 8, **kw)
+    self.head = fx.Linear(8, 3, **kw)
+
+  def __call__(self, x):
+    e = self.embed(x) + 0.5 * self.embed(x[:, ::-1])
+    return self.head(jnp.mean(jnp.tanh(self.proj(e)), axis=1))
+
+
+class NnxNormsDropIn(nnx.Module):
+  """As :class:`LinenNormsDropIn` (train/eval mode set on the model)."""
+
+  def __init__(self, dtype, rngs: nnx.Rngs):
+    kw = dict(param_dtype=dtype, rngs=rngs)
+    self.rms = fx.RMSNorm(6, **kw)
+    self.proj = fx.Linear(6, 6, **kw)
+    self.gn = fx.GroupNorm(6, num_groups=3, **kw)
+    self.gn_size = fx.GroupNorm(6, num_groups=None, group_size=3, use_bias=False, **kw)
+    self.bn = fx.BatchNorm(6, momentum=0.9, **kw)
+    self.head = fx.Linear(6, 3, **kw)
+
+  def __call__(self, x):
+    x = jnp.tanh(self.proj(self.rms(x)))
+    x = self.bn(self.gn_size(self.gn(x)))
+    return self.head(jnp.mean(x, axis=1))
+
+
+_NORMS = ("RMSNorm_0", "Dense_0", "GroupNorm_0", "GroupNorm_1", "BatchNorm_0", "Dense_1")
+_NNX_NORMS = ("rms", "proj", "gn", "gn_size", "bn", "head")
+
+
 # --------------------------------------------------------------- registry ---
 
 @dataclasses.dataclass(frozen=True)
@@ -518,6 +589,19 @@ FLAX_MODELS: tuple[FlaxModelDescriptor, ...] = (
     _nnx("nnx_batchnorm_train", NnxBatchNorm, (5,), ("inp", "bn", "head"), coupled=True,
          mode="train", pass_split=True, standard=True),
     _nnx("nnx_embed", NnxEmbed, (5,), ("embed", "proj", "head"), vocab=11),
+    # ------------------ Embed, RMSNorm, GroupNorm, BatchNorm drop-ins (both)
+    _linen("linen_embed_dropin", LinenEmbedDropIn, (6,), ("Embed_0", "Dense_0", "Dense_1"),
+           vocab=5),
+    _linen("linen_norms_dropin", LinenNormsDropIn, (4, 6), _NORMS,
+           apply_kwargs=lambda dtype: {"train": False}, standard=True),
+    _linen("linen_norms_dropin_train", LinenNormsDropIn, (4, 6), _NORMS, coupled=True,
+           apply_kwargs=lambda dtype: {"train": True}, mutable=["batch_stats"],
+           standard=True),
+    _nnx("nnx_embed_dropin", NnxEmbedDropIn, (6,), ("embed", "proj", "head"), vocab=5),
+    _nnx("nnx_norms_dropin", NnxNormsDropIn, (4, 6), _NNX_NORMS, mode="eval",
+         standard=True),
+    _nnx("nnx_norms_dropin_train", NnxNormsDropIn, (4, 6), _NNX_NORMS, coupled=True,
+         mode="train", pass_split=True, standard=True),
 )
 
 # The linen/NNX models of the classes of issue #6 (tests/models_classes.py). Kept

@@ -6,7 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from ntklayers import adapters
+from ntklayers import _jax_compat, adapters
 from ntklayers.flax import _linen_layers as L
 
 
@@ -38,10 +38,9 @@ def interceptor(next_fun, args, kwargs, context):
   if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
   module = context.module
-  if isinstance(module, nn.BatchNorm):
-    if _training(module, args, kwargs):
-      adapters.declare_coupled(_module_name(module))
-    return next_fun(*args, **kwargs)
+  if isinstance(module, nn.BatchNorm) and _training(module, args, kwargs):
+    # Stock and drop-in BatchNorm alike: batch statistics make samples interact.
+    adapters.declare_coupled(_module_name(module))
   found = _describer(module)
   if found is None:
     return next_fun(*args, **kwargs)
@@ -50,8 +49,10 @@ def interceptor(next_fun, args, kwargs, context):
   kind, config, primal, unsupported = describe(module, *args, **kwargs)
   variables = module.variables.get("params", {})
   params = {role: variables[leaf] for role, leaf in roles.items() if leaf in variables}
+  if _jax_compat.is_inexact(primal.dtype):  # (integer primals, e.g. token ids, stay)
+    primal = primal.astype(out.dtype)
   return adapters.tap(kind=kind, config=config, name=_module_name(module), params=params,
-                      primal=primal.astype(out.dtype), out=out, unsupported=unsupported,
+                      primal=primal, out=out, unsupported=unsupported,
                       inputs=(args, kwargs))
 
 

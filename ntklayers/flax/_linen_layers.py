@@ -1,5 +1,6 @@
-"""Annotated flax.linen layers: ``Dense``, ``DenseGeneral``, ``Conv``, ``LayerNorm``
-and ``MultiHeadDotProductAttention`` (alias ``MultiHeadAttention``).
+"""Annotated flax.linen layers: ``Dense``, ``DenseGeneral``, ``Conv``, ``LayerNorm``,
+``Embed`` and ``MultiHeadDotProductAttention`` (alias ``MultiHeadAttention``); the
+other normalizations are in ``_linen_norms.py``.
 
 Each is a subclass of its linen counterpart with the same class name (so
 auto-names stay ``Dense_0``, ``Conv_1``, ... and ``params`` trees are identical),
@@ -72,6 +73,30 @@ class LayerNorm(nn.LayerNorm):
     if module.axis_name is not None:
       unsupported = "it normalizes across devices (`axis_name`)"
     return kind, config, primal, unsupported
+
+
+class Embed(nn.Embed):
+  """Drop-in for :class:`flax.linen.Embed`.
+
+  Its ``__call__`` is a gather of table rows, whose kernel is a count-matching
+  Gram of the token ids (no one-hot ``[..., num_embeddings]`` array is formed).
+  Ids ``[N, ...]`` lead with the batch axis. ``attend`` (a tied decoder) is a
+  different method: a table it reads is counted by the exact fallback.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from ntklayers.flax import linen as ntk_nn
+    >>> ids = jnp.array([[1, 2, 1], [3, 1, 0]])
+    >>> v = ntk_nn.Embed(10, 4).init(jax.random.key(0), ids)
+    >>> jax.tree.map(jnp.shape, v)
+    {'params': {'embedding': (10, 4)}}
+  """
+
+  _ntk_roles = {"embeddings": "embedding"}
+
+  @staticmethod
+  def _ntk_describe(module, inputs, *args, **kwargs) -> _common.Description:
+    return _common.describe_embed(inputs, module.num_embeddings)
 
 
 class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):

@@ -1,5 +1,5 @@
-"""Annotated flax.nnx layers: ``Linear``, ``LinearGeneral``, ``Conv``, ``LayerNorm``
-and ``MultiHeadAttention``.
+"""Annotated flax.nnx layers: ``Linear``, ``LinearGeneral``, ``Conv``, ``LayerNorm``,
+``Embed`` and ``MultiHeadAttention`` (the other normalizations: ``_nnx_norms.py``).
 
 NNX has no method interceptors, so each subclass overrides ``__call__``: it runs
 the stock computation and, only while a capture is active (one context-variable
@@ -24,6 +24,11 @@ MODULE_PATHS: contextvars.ContextVar[dict[int, str]] = contextvars.ContextVar(
 _value = _jax_compat.nnx_value
 
 
+def module_path(module) -> str:
+  """The attribute path of ``module`` in the model being captured."""
+  return MODULE_PATHS.get().get(id(module), type(module).__name__)
+
+
 def _tap(module, roles, description, out, inputs):
   kind, config, primal, unsupported = description
   params = {}
@@ -31,10 +36,10 @@ def _tap(module, roles, description, out, inputs):
     variable = getattr(module, attr, None)
     if isinstance(variable, nnx.Variable):
       params[role] = _value(variable)
-  name = MODULE_PATHS.get().get(id(module), type(module).__name__)
-  return adapters.tap(kind=kind, config=config, name=name, params=params,
-                      primal=primal.astype(out.dtype), out=out, unsupported=unsupported,
-                      inputs=inputs)
+  if _jax_compat.is_inexact(primal.dtype):  # (integer primals, e.g. token ids, stay)
+    primal = primal.astype(out.dtype)
+  return adapters.tap(kind=kind, config=config, name=module_path(module), params=params,
+                      primal=primal, out=out, unsupported=unsupported, inputs=inputs)
 
 
 class Linear(nnx.Linear):
@@ -101,6 +106,32 @@ class LayerNorm(nnx.LayerNorm):
       unsupported = "it normalizes across devices (`axis_name`)"
     return _tap(self, {"scale": "scale", "offset": "bias"},
                 (kind, config, primal, unsupported), out, (x, mask))
+
+
+class Embed(nnx.Embed):
+  """Drop-in for :class:`flax.nnx.Embed`.
+
+  Its ``__call__`` is a gather of table rows, whose kernel is a count-matching
+  Gram of the token ids (no one-hot ``[..., num_embeddings]`` array is formed).
+  ``attend`` (a tied decoder) reads the table outside ``__call__``: the exact
+  fallback then counts it.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from ntklayers.flax import nnx as ntk_nnx
+    >>> layer = ntk_nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+    >>> ntk_nnx.ntk_fn()(layer, jnp.array([[1, 2, 1], [3, 1, 0]])).shape
+    (2, 2, 3, 3, 4, 4)
+  """
+
+  def __call__(self, inputs, *args, **kwargs):
+    out = super().__call__(inputs, *args, **kwargs)
+    if not adapters.capturing():
+      return out
+    return _tap(self, {"embeddings": "embedding"},
+                _common.describe_embed(inputs, self.num_embeddings), out,
+                (inputs, args, kwargs))
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):

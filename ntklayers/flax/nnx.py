@@ -2,16 +2,24 @@
 
 from ntklayers.flax._nnx_kernel import ntk_fn
 from ntklayers.flax._nnx_layers import Conv
+from ntklayers.flax._nnx_layers import Embed
 from ntklayers.flax._nnx_layers import LayerNorm
 from ntklayers.flax._nnx_layers import Linear
 from ntklayers.flax._nnx_layers import LinearGeneral
 from ntklayers.flax._nnx_layers import MultiHeadAttention
+from ntklayers.flax._nnx_norms import BatchNorm
+from ntklayers.flax._nnx_norms import GroupNorm
+from ntklayers.flax._nnx_norms import RMSNorm
 
 __all__ = (
+    "BatchNorm",
     "Conv",
+    "Embed",
+    "GroupNorm",
     "LayerNorm",
     "Linear",
     "LinearGeneral",
     "MultiHeadAttention",
+    "RMSNorm",
     "ntk_fn",
 )

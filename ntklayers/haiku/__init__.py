@@ -20,18 +20,26 @@ from ntklayers.haiku._layers import Conv1D
 from ntklayers.haiku._layers import Conv2D
 from ntklayers.haiku._layers import Conv3D
 from ntklayers.haiku._layers import ConvND
+from ntklayers.haiku._layers import Embed
 from ntklayers.haiku._layers import LayerNorm
 from ntklayers.haiku._layers import Linear
+from ntklayers.haiku._norms import BatchNorm
+from ntklayers.haiku._norms import GroupNorm
+from ntklayers.haiku._norms import RMSNorm
 
 _adapters.register_interceptor("haiku", _intercept)
 
 __all__ = (
+    "BatchNorm",
     "Conv1D",
     "Conv2D",
     "Conv3D",
     "ConvND",
+    "Embed",
+    "GroupNorm",
     "LayerNorm",
     "Linear",
     "MultiHeadAttention",
+    "RMSNorm",
     "interceptor",
 )

@@ -22,11 +22,11 @@ def interceptor(next_fun, args, kwargs, ctx: hk.MethodContext):
     return next_fun(*args, **kwargs)
   module = ctx.module
   if isinstance(module, hk.BatchNorm) and ctx.orig_class is hk.BatchNorm:
+    # Stock and drop-in BatchNorm alike: batch statistics make samples interact.
     training = args[1] if len(args) > 1 else kwargs.get("is_training")
     local = kwargs.get("test_local_stats", args[2] if len(args) > 2 else False)
     if not (_is_false(training) and _is_false(local)):
       adapters.declare_coupled(module.module_name)
-    return next_fun(*args, **kwargs)
   describe = getattr(module, "_ntk_describe", None)
   if describe is None or ctx.orig_class is not module._ntk_base:  # pylint: disable=protected-access
     return next_fun(*args, **kwargs)

@@ -1,7 +1,8 @@
-"""Annotated Haiku layers: ``Linear``, ``ConvND`` (1-3D) and ``LayerNorm``.
+"""Annotated Haiku layers: ``Linear``, ``ConvND`` (1-3D), ``LayerNorm`` and ``Embed``
+(the other normalizations are in ``_norms.py``).
 
 Each subclass keeps its Haiku class name (so auto-names stay ``linear``,
-``conv2_d``, ``layer_norm`` and checkpoints stay compatible), inherits the stock
+``conv2_d``, ``layer_norm``, ``embed`` and checkpoints stay compatible), inherits the stock
 ``__call__`` unchanged, and only adds ``_ntk_describe``: the structure record
 (rule kind and static config) and the primal that the rule needs. It is called
 by the interceptor during a capture, never in a normal forward pass.
@@ -117,3 +118,40 @@ class LayerNorm(hk.LayerNorm):
     eps = jax.lax.convert_element_type(self.eps, variance.dtype)
     x_hat = jax.lax.rsqrt(variance + eps) * (inputs - mean)
     return "scale", ScaleConfig(normalize_axes(self.param_axis, nd)), x_hat, None
+
+
+class Embed(hk.Embed):
+  """Drop-in for :class:`haiku.Embed` (every ``lookup_style``, ``embedding_matrix``).
+
+  Its structure is a gather of table rows: the kernel of the table is a
+  count-matching Gram of the token ids (``ids1[n, t] == ids2[m, s]``), contracted
+  without any one-hot ``[..., V]`` array. Ids ``[N, ...]`` lead with the batch
+  axis; every other axis is a position that reads the shared table. The cached
+  primal is the ids. Out-of-range ids count as JAX differentiates Haiku's lookup:
+  ids in ``[-vocab_size, 0)`` wrap around with ``ARRAY_INDEX``; other ids outside
+  ``[0, vocab_size)`` read no row.
+
+  Example:
+    >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers
+    >>> import ntklayers.haiku as nh
+    >>> net = hk.without_apply_rng(hk.transform(
+    ...     lambda ids: ntklayers.Linear(2)(nh.Embed(10, 4)(ids).mean(axis=1))))
+    >>> ids = jnp.array([[1, 2, 1], [3, 1, 0]])
+    >>> params = net.init(jax.random.key(0), ids)
+    >>> jax.tree.map(jnp.shape, params["embed"])
+    {'embeddings': (10, 4)}
+    >>> ntklayers.ntk(net.apply, params, ids).shape
+    (2, 2, 2, 2)
+  """
+
+  _ntk_base = hk.Embed
+  _ntk_roles = {"embeddings": "embeddings"}
+
+  def _ntk_describe(self, ids, lookup_style=None, precision=None) -> Description:
+    del precision
+    style = lookup_style or self.lookup_style
+    if isinstance(style, str):
+      style = getattr(hk.EmbedLookupStyle, style.upper())
+    mode = "one_hot" if style == hk.EmbedLookupStyle.ONE_HOT else "wrap"
+    # (vocab_size, out_of_range): the "embed" rule's config as a plain tuple.
+    return "embed", (int(self.vocab_size), mode), jnp.asarray(ids), None
