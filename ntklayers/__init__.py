@@ -19,6 +19,7 @@ from ntklayers._capture import Factors
 from ntklayers._capture import capture
 from ntklayers._rules import ConvConfig
 from ntklayers._rules import DenseConfig
+from ntklayers._rules_embed import EmbedConfig
 from ntklayers._rules import Rule
 from ntklayers._rules import ScaleConfig
 from ntklayers._rules import register_rule
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = (
     "ConvConfig",
     "DenseConfig",
+    "EmbedConfig",
     "Factors",
     "Linear",
     "Rule",

@@ -6,7 +6,8 @@ Equinox, say) without private imports. An adapter does three things:
 
 1. **Describe layers.** While an NTK is requested, each annotated layer call
    reports itself with :func:`tap`: its rule ``kind`` and static ``config``
-   (:class:`DenseConfig`, :class:`ConvConfig`, :class:`ScaleConfig`, ... or a
+   (:class:`DenseConfig`, :class:`ConvConfig`, :class:`ScaleConfig`,
+   :class:`EmbedConfig`, ... or a
    config of a rule registered with :func:`ntklayers.register_rule`), the primal
    the rule needs, the parameter arrays it read (exactly as stored in the
    model's parameters) and its output. :func:`tap` returns the output through a
@@ -49,6 +50,7 @@ from ntklayers._rules import ConvConfig
 from ntklayers._rules import DenseConfig
 from ntklayers._rules import Description
 from ntklayers._rules import ScaleConfig
+from ntklayers._rules_embed import EmbedConfig
 from ntklayers._axes import normalize_axes
 from ntklayers._session import capturing
 from ntklayers._session import declare_coupled
@@ -59,6 +61,7 @@ __all__ = (
     "ConvConfig",
     "DenseConfig",
     "Description",
+    "EmbedConfig",
     "Options",
     "ScaleConfig",
     "capturing",

@@ -4,11 +4,14 @@
 NNX has no method interceptors, so each subclass overrides ``__call__``: it runs
 the stock computation and, only while a capture is active (one context-variable
 read otherwise), reports itself to :func:`ntklayers.tap`. The subclasses add no
-attributes, so ``nnx.state`` trees are identical to the originals.
+attributes, so ``nnx.state`` trees are identical to the originals. The stock
+children of the attention drop-in are reported by :func:`intercept`, which
+patches the stock classes' ``__call__`` only while an NTK is captured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 from flax import nnx
@@ -42,6 +45,39 @@ def _tap(module, roles, description, out, inputs):
                       primal=primal, out=out, unsupported=unsupported, inputs=inputs)
 
 
+def _tap_linear(module, out, inputs, args, kwargs):
+  return _tap(module, {"w": "kernel", "b": "bias"},
+              _common.describe_dense_general(inputs, -1, module.out_features), out,
+              (inputs, args, kwargs))
+
+
+def _tap_linear_general(module, out, inputs, args, kwargs):
+  return _tap(module, {"w": "kernel", "b": "bias"},
+              _common.describe_dense_general(inputs, module.axis, module.out_features,
+                                             tuple(module.batch_axis)), out,
+              (inputs, args, kwargs))
+
+
+def _tap_conv(module, out, inputs, args, kwargs):
+  mask = module.mask
+  mask = _value(mask) if isinstance(mask, nnx.Variable) else mask
+  return _tap(module, {"w": "kernel", "b": "bias"}, _common.describe_conv(
+      inputs, module.kernel_size, module.strides, module.padding, module.input_dilation,
+      module.kernel_dilation, module.feature_group_count, mask,
+      _jax_compat.flax_canonicalize_padding), out, (inputs, args, kwargs))
+
+
+def _tap_layer_norm(module, out, x, args, kwargs):
+  mask = kwargs.get("mask")
+  kind, config, primal, unsupported = _common.describe_layer_norm(
+      x, module.reduction_axes, module.feature_axes, module.epsilon,
+      module.use_fast_variance, mask)
+  if module.axis_name is not None:
+    unsupported = "it normalizes across devices (`axis_name`)"
+  return _tap(module, {"scale": "scale", "offset": "bias"},
+              (kind, config, primal, unsupported), out, (x, args, kwargs))
+
+
 class Linear(nnx.Linear):
   """Drop-in for :class:`flax.nnx.Linear`.
 
@@ -58,9 +94,7 @@ class Linear(nnx.Linear):
     out = super().__call__(inputs, *args, **kwargs)
     if not adapters.capturing():
       return out
-    return _tap(self, {"w": "kernel", "b": "bias"},
-                _common.describe_dense_general(inputs, -1, self.out_features), out,
-                (inputs, args, kwargs))
+    return _tap_linear(self, out, inputs, args, kwargs)
 
 
 class LinearGeneral(nnx.LinearGeneral):
@@ -70,10 +104,7 @@ class LinearGeneral(nnx.LinearGeneral):
     out = super().__call__(inputs, *args, **kwargs)
     if not adapters.capturing():
       return out
-    return _tap(self, {"w": "kernel", "b": "bias"},
-                _common.describe_dense_general(inputs, self.axis, self.out_features,
-                                               tuple(self.batch_axis)), out,
-                (inputs, args, kwargs))
+    return _tap_linear_general(self, out, inputs, args, kwargs)
 
 
 class Conv(nnx.Conv):
@@ -83,12 +114,7 @@ class Conv(nnx.Conv):
     out = super().__call__(inputs, *args, **kwargs)
     if not adapters.capturing():
       return out
-    mask = self.mask if self.mask is None else _value(self.mask) if isinstance(
-        self.mask, nnx.Variable) else self.mask
-    return _tap(self, {"w": "kernel", "b": "bias"}, _common.describe_conv(
-        inputs, self.kernel_size, self.strides, self.padding, self.input_dilation,
-        self.kernel_dilation, self.feature_group_count, mask, _jax_compat.flax_canonicalize_padding), out,
-        (inputs, args, kwargs))
+    return _tap_conv(self, out, inputs, args, kwargs)
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -99,13 +125,7 @@ class LayerNorm(nnx.LayerNorm):
     out = super().__call__(x, mask=mask)
     if not adapters.capturing():
       return out
-    kind, config, primal, unsupported = _common.describe_layer_norm(
-        x, self.reduction_axes, self.feature_axes, self.epsilon,
-        self.use_fast_variance, mask)
-    if self.axis_name is not None:
-      unsupported = "it normalizes across devices (`axis_name`)"
-    return _tap(self, {"scale": "scale", "offset": "bias"},
-                (kind, config, primal, unsupported), out, (x, mask))
+    return _tap_layer_norm(self, out, x, (), {"mask": mask})
 
 
 class Embed(nnx.Embed):
@@ -138,14 +158,52 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
   """Drop-in for :class:`flax.nnx.MultiHeadAttention`.
 
   Its ``query``/``key``/``value``/``out`` projections (and the ``normalize_qk``
-  LayerNorms) are the annotated classes above; state and outputs are those of
-  the original.
+  LayerNorms) are stock NNX modules, left untouched: while an NTK is captured,
+  :func:`intercept` reports the calls of exactly these children. State and
+  outputs are those of the original.
   """
 
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    swap = {nnx.LinearGeneral: LinearGeneral, nnx.Linear: Linear, nnx.LayerNorm: LayerNorm}
-    for attr in ("query", "key", "value", "out", "query_ln", "key_ln"):
-      child = getattr(self, attr, None)
-      if type(child) in swap:
-        child.__class__ = swap[type(child)]
+  def __call__(self, *args, **kwargs):
+    if not adapters.capturing():
+      return super().__call__(*args, **kwargs)
+    token = _ATTENTION.set(self)
+    try:
+      return super().__call__(*args, **kwargs)
+    finally:
+      _ATTENTION.reset(token)
+
+
+# The annotated attention module whose call is running (its stock children report).
+_ATTENTION: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "ntklayers_nnx_attention", default=None)
+_CHILDREN = ("query", "key", "value", "out", "query_ln", "key_ln")
+_CHILD_TAPS = {nnx.LinearGeneral: _tap_linear_general, nnx.Linear: _tap_linear,
+               nnx.LayerNorm: _tap_layer_norm}
+
+
+def _child_call(cls, original):
+  def call(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    parent = _ATTENTION.get()
+    if type(self) is not cls or parent is None or not any(
+        getattr(parent, a, None) is self for a in _CHILDREN):
+      return out
+    return _CHILD_TAPS[cls](self, out, args[0], args[1:], kwargs)
+  call.__wrapped__ = original
+  return call
+
+
+@contextlib.contextmanager
+def intercept():
+  """The NNX interceptor: for the duration of a capture (as ``nnx.tabulate`` does),
+  the stock ``__call__`` of ``nnx.LinearGeneral``, ``nnx.Linear`` and
+  ``nnx.LayerNorm`` reports the calls of an annotated attention module's
+  children; every other call, and every user object, is left as it is."""
+  originals = {cls: cls.__dict__["__call__"] for cls in _CHILD_TAPS}
+  try:
+    for cls, original in originals.items():
+      cls.__call__ = _child_call(cls, original)
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original

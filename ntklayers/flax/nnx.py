@@ -1,5 +1,6 @@
 """Annotated flax.nnx layers (drop-ins) and the NNX kernel entry point."""
 
+from ntklayers import adapters as _adapters
 from ntklayers.flax._nnx_kernel import ntk_fn
 from ntklayers.flax._nnx_layers import Conv
 from ntklayers.flax._nnx_layers import Embed
@@ -7,9 +8,12 @@ from ntklayers.flax._nnx_layers import LayerNorm
 from ntklayers.flax._nnx_layers import Linear
 from ntklayers.flax._nnx_layers import LinearGeneral
 from ntklayers.flax._nnx_layers import MultiHeadAttention
+from ntklayers.flax._nnx_layers import intercept as _intercept
 from ntklayers.flax._nnx_norms import BatchNorm
 from ntklayers.flax._nnx_norms import GroupNorm
 from ntklayers.flax._nnx_norms import RMSNorm
+
+_adapters.register_interceptor("flax.nnx", _intercept)
 
 __all__ = (
     "BatchNorm",
