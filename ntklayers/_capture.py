@@ -24,7 +24,7 @@ from ntklayers._fallback import check_jacobians, choose, jacobians
 from ntklayers._plan import (Plan, captured_calls, forward_flops, make_plan,
                              resolve_trainable, warn_once)
 from ntklayers._replay import capture_cotangents
-from ntklayers._rules import get_rule
+from ntklayers._rules import rule_of
 
 @dataclasses.dataclass(frozen=True)
 class CaptureMeta:
@@ -233,17 +233,20 @@ def capture_with(setup: Setup, params: Any, x: Any, mode: str | None = None) -> 
   n_out = math.prod(setup.out_rest)
   coupled = mode == _replay.COUPLED
   verified = jnp.asarray(True)
-  layers = ()
+  layers: tuple = ()
   if plan.groups:
     traced = _traced_for(setup, params, x)
     captured, verified = capture_cotangents(traced, params, x, _active(plan, traced),
                                             mode, setup.check_layers)
-    layers = tuple(
-        tuple(_canonical(traced.records[k], *captured[traced.records[k].path], n, n_out,
-                         coupled) for k in g.calls)
-        for g in plan.groups)
+
+    def canonical(k: int):
+      record = traced.records[k]
+      primal, cot = captured[record.path]
+      return _canonical(record, primal, cot, n, n_out, coupled)
+
+    layers = tuple(tuple(canonical(k) for k in g.calls) for g in plan.groups)
   fb_leaves = tuple(i for g in plan.fallback for i in g.leaves)
-  fb_jac = ()
+  fb_jac: tuple = ()
   if fb_leaves and setup.method == "jacobian":
     fb_jac = tuple(jacobians(setup.f, params, x, fb_leaves, not coupled, n_out))
     if mode == _replay.CHECKED:
@@ -286,7 +289,7 @@ def _canonical(record, primal, cot, n: int, n_out: int, coupled: bool):
   that slice the parameters become the stack axis ``S``; loops that reuse them
   are folded into the sharing axis ``T`` (cross terms between steps included).
   """
-  rule = get_rule(record.kind)
+  rule = rule_of(record.kind)
   cfg = record.config
   loops = record.loops
   if not loops:

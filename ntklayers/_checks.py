@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -76,7 +75,7 @@ def check_pair(x1: Any, x2: Any) -> None:
     return
   check_batch(x2, "x2")
   t1, t2 = jax.tree.structure(x1), jax.tree.structure(x2)
-  if t1 != t2:
+  if t1 != t2:  # type: ignore[operator]  # PyTreeDef has no stubs
     raise ValueError(f"`x1` and `x2` have different structures: {t1} vs {t2}.")
   for a, b in zip(jax.tree.leaves(x1), jax.tree.leaves(x2)):
     if np.shape(a)[1:] != np.shape(b)[1:] or _dtype(a) != _dtype(b):

@@ -160,15 +160,15 @@ def _contract(spec: OutputSpec, cache1: Factors, cache2: Factors, same: bool,
       for g in fallback:
         pos[g.name] = (off, off + len(g.leaves))
         off += len(g.leaves)
-      parts = fallback if layerwise else [None]
-      for g in parts:
-        lo, hi = pos[g.name] if g is not None else (0, off)
+      spans = list(pos.items()) if layerwise else [("fallback", (0, off))]
+      for name, (lo, hi) in spans:
         j1 = jnp.concatenate(cache1.fallback_jacobians[lo:hi], axis=-1)
         j2 = j1 if same else jnp.concatenate(cache2.fallback_jacobians[lo:hi], axis=-1)
-        add(g.name if g is not None else "fallback", C.jacobian_kernel(spec, j1, j2))
+        add(name, C.jacobian_kernel(spec, j1, j2))
     else:
-      parts = [(g.name, g.leaves) for g in fallback] if layerwise else [
-          ("fallback", tuple(i for g in fallback for i in g.leaves))]
+      parts: list[tuple[str, tuple[int, ...]]] = (
+          [(g.name, g.leaves) for g in fallback] if layerwise else
+          [("fallback", tuple(i for g in fallback for i in g.leaves))])
       for name, leaves in parts:
         add(name, ntk_vp_kernel(spec, m1.f, cache1.params, cache1.inputs,
                                 cache2.params, cache2.inputs, leaves))

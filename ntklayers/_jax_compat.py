@@ -36,7 +36,7 @@ CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
 # ------------------------------------------------------------ the tag ---
 
 
-def make_tag_primitive(on_vmap: Callable[[Any], Any]) -> Primitive:
+def make_tag_primitive(on_vmap: Callable[[Any, list], tuple[Any, bool]]) -> Primitive:
   """The structure-tag primitive ``tag(out, primal, *params, *inputs, meta=...)``.
 
   Semantically the identity on ``out``; the other operands are only observed, so
@@ -193,5 +193,5 @@ def unwrap_jit(f: Callable) -> Callable:
   wrapped function as ``__wrapped__`` and has ``lower``; other wrappers are kept.
   """
   while callable(getattr(f, "lower", None)) and callable(getattr(f, "__wrapped__", None)):
-    f = f.__wrapped__
+    f = f.__wrapped__  # type: ignore[attr-defined]
   return f

@@ -28,6 +28,7 @@ Two exact ways to contract an affine layer (paper, §3.4 and Eq. 9 / 13):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -51,7 +52,7 @@ def _batch_x(x: jnp.ndarray, n: int, letter: str, rest: str):
 # ------------------------------------------------------------- Jacobians ---
 
 
-def affine_jacobian(x: jnp.ndarray | None, g: jnp.ndarray, with_w: bool,
+def affine_jacobian(x: jnp.ndarray, g: jnp.ndarray, with_w: bool,
                     with_b: bool, precision: str = "highest") -> jnp.ndarray:
   """Per-example parameter Jacobian of an affine layer, ``[N, O, P]``."""
   n, o = g.shape[:2]
@@ -222,19 +223,24 @@ class Op:
     group's parameters (weight sharing: cross terms between all calls).
     """
     with_w, with_b = self.roles[0] in roles, self.roles[1] in roles
-    use_jacobians = self.activation_kernel is None or not with_w
-    if not use_jacobians:
+    activation = self.activation_kernel
+    use_jacobians = activation is None or self.costs is None or not with_w
+    if activation is not None and self.costs is not None and not use_jacobians:
       shapes1 = [(x.shape, g.shape) for x, g in calls1]
       shapes2 = [(x.shape, g.shape) for x, g in calls2]
       act, jac = self.costs(spec, shapes1, shapes2, same)
       use_jacobians = jac < act
-    if use_jacobians:
+    if use_jacobians or activation is None:
       p = spec.precision
-      j1 = sum(self.jacobian(x, g, with_w, with_b, p) for x, g in calls1)
-      j2 = j1 if same else sum(self.jacobian(x, g, with_w, with_b, p) for x, g in calls2)
-      return jacobian_kernel(spec, j1, j2)
-    return sum(self.activation_kernel(spec, x1, g1, x2, g2, with_w, with_b)
-               for x1, g1 in calls1 for x2, g2 in calls2)
+
+      def total(calls: list) -> jnp.ndarray:
+        js = [self.jacobian(x, g, with_w, with_b, p) for x, g in calls]
+        return functools.reduce(jnp.add, js)
+
+      j1 = total(calls1)
+      return jacobian_kernel(spec, j1, j1 if same else total(calls2))
+    return functools.reduce(jnp.add, [activation(spec, x1, g1, x2, g2, with_w, with_b)
+                                      for x1, g1 in calls1 for x2, g2 in calls2])
 
 
 AFFINE = Op("affine", ("w", "b"), affine_jacobian, affine_activation_kernel, affine_costs)

@@ -26,6 +26,7 @@ class Static:
   def __init__(self, value: Any):
     self.value = value
     leaves, treedef = jax.tree.flatten(value)
+    self._key: tuple
     try:
       self._key = (treedef, tuple(leaves))
       hash(self._key)

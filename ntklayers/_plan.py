@@ -18,7 +18,8 @@ import jax
 
 from ntklayers import _jax_compat
 from ntklayers._discovery import NO_PARAMS, CallRecord
-from ntklayers._rules import get_rule
+from ntklayers._ops import Op
+from ntklayers._rules import get_rule, rule_of
 
 # A fallback note: (layer name, parameter role or None, reason).
 Note = tuple[str, "str | None", str]
@@ -68,7 +69,7 @@ class Group:
   """A structured group: one parameter set and every call that reads it."""
 
   name: str
-  op: str
+  op: Op
   roles: tuple[str, ...]
   leaves: tuple[int, ...]
   calls: tuple[int, ...]  # indices into the discovery records
@@ -160,31 +161,31 @@ def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool
         f"`params` has non-floating leaves that cannot be differentiated: "
         f"{', '.join(f'params{p} ({d})' for p, d in bad)}. Exclude them with "
         f"`trainable`.")
-  records = list(records)
-  for r in records:
+  recs: list[CallRecord] = list(records)
+  for r in recs:
     if r.skip is not None and r.skip != NO_PARAMS and structured:
       warn_once(f, r.name, r.skip)
   # Group captured calls by the exact set of leaves they read and how many loops
   # slice them (a stacked layer reads one slice per step).
   by_leaves: dict[tuple, list[int]] = {}
-  for k, r in enumerate(records):
+  for k, r in enumerate(recs):
     if r.skip is None and structured:
       key = (tuple(sorted(i for _, i in r.leaves)), len(r.stack))
       by_leaves.setdefault(key, []).append(k)
   groups = []
   for key, calls in by_leaves.items():
-    first = records[calls[0]]
+    first = recs[calls[0]]
     reason = None
     if any(set(key[0]) & set(other[0]) for other in by_leaves if other != key):
       reason = "its parameters are shared with another layer of different structure"
-    elif len({(records[c].kind, records[c].leaves) for c in calls}) != 1:
+    elif len({(recs[c].kind, recs[c].leaves) for c in calls}) != 1:
       reason = "its calls disagree in structure"
     if reason is not None:
       for c in calls:
-        records[c] = dataclasses.replace(records[c], skip=reason)
+        recs[c] = dataclasses.replace(recs[c], skip=reason)
       warn_once(f, first.name, reason)
       continue
-    rule = get_rule(first.kind)
+    rule = rule_of(first.kind)
     for role, i in first.leaves:
       if i in outside and trainable[i]:
         warn_once(f, first.name, USED_OUTSIDE, role)
@@ -195,9 +196,9 @@ def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool
       why = "frozen by `trainable`" if not any(
           trainable[i] for _, i in first.leaves) else USED_OUTSIDE
       for c in calls:
-        records[c] = dataclasses.replace(records[c], skip=why)
+        recs[c] = dataclasses.replace(recs[c], skip=why)
       continue
-    groups.append(Group(_group_name(records, calls, names, key[0]), rule.op, roles, idx,
+    groups.append(Group(_group_name(recs, calls, names, key[0]), rule.op, roles, idx,
                         tuple(calls)))
   owned = {i for g in groups for i in g.leaves}
   fb: dict[str, list[int]] = {}
@@ -206,7 +207,7 @@ def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool
       fb.setdefault(names[i] or "params", []).append(i)
   fallback = tuple(FallbackGroup(n, tuple(ix)) for n, ix in fb.items())
   _check_coverage(groups, fallback, trainable, names)
-  return Plan(tuple(records), tuple(groups), fallback, coupled)
+  return Plan(tuple(recs), tuple(groups), fallback, coupled)
 
 
 def captured_calls(plan: Plan) -> frozenset[int]:

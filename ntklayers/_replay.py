@@ -77,7 +77,7 @@ def _eval(jaxpr, consts, args, path, perts, prefixes):
       if name == _jax_compat.SCAN:
         outs, found = _scan(eqn, body, body_consts, invals, here, inner, prefixes)
       elif name in _jax_compat.REMAT:
-        def run(args, inner):
+        def run(args, inner, body=body, body_consts=body_consts, here=here):
           return _eval(body, body_consts, list(args), here, inner, prefixes)
         outs, found = jax.checkpoint(run, **_jax_compat.remat_params(eqn))(
             tuple(invals), inner)

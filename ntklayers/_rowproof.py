@@ -177,7 +177,7 @@ def rows_are_examples(fun: Callable, batched_args: Any, shared_args: Any) -> boo
   """
   closed = jax.make_jaxpr(fun)(batched_args, shared_args)
   n_batched = len(jax.tree.leaves(batched_args))
-  anns = [0] * n_batched + [frozenset()] * (len(closed.jaxpr.invars) - n_batched)
+  anns: list = [0] * n_batched + [frozenset()] * (len(closed.jaxpr.invars) - n_batched)
   try:
     outs = analyze(closed.jaxpr, anns)
   except _NotPerExample:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -74,7 +74,13 @@ def register_rule(kind: str, rule: Rule) -> None:
 
 
 def get_rule(kind: str) -> Rule | None:
+  """The rule of ``kind``, or ``None`` if none is registered."""
   return _REGISTRY.get(kind)
+
+
+def rule_of(kind: str) -> Rule:
+  """The rule of ``kind``, which must be registered (a planned call's kind)."""
+  return _REGISTRY[kind]
 
 
 # ----------------------------------------------------------------- dense ---
@@ -132,7 +138,7 @@ class ConvConfig:
 
   kernel_shape: tuple[int, ...]
   strides: tuple[int, ...]
-  padding: Hashable
+  padding: str | tuple[tuple[int, int], ...]
   lhs_dilation: tuple[int, ...]
   rhs_dilation: tuple[int, ...]
   feature_group_count: int

@@ -25,7 +25,8 @@ Equinox, say) without private imports. An adapter does three things:
    ``f(params, x)`` for the framework's model, and inside ``jax.jit`` return
    :func:`kernel` ``(f, params, x1, x2, options)``; outside, pass its result to
    :func:`checked` with a ``set`` owned by the kernel function (fallback
-   warnings are given once per kernel function). Extra model arguments go through :func:`split_kwargs`.
+   warnings are given once per kernel function). Extra model arguments go
+   through :func:`split_kwargs`.
 
 Example (a toy adapter for a function with one weight matrix):
   >>> import jax, jax.numpy as jnp

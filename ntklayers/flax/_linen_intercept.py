@@ -14,7 +14,8 @@ def _describer(module: nn.Module):
   cls = type(module)
   describe = cls.__dict__.get("_ntk_describe")
   if describe is not None:
-    return describe.__func__ if hasattr(describe, "__func__") else describe, cls._ntk_roles  # pylint: disable=protected-access
+    layer: Any = cls  # an annotated class (declares _ntk_roles)
+    return describe.__func__ if hasattr(describe, "__func__") else describe, layer._ntk_roles
   parent = module.parent
   if isinstance(parent, nn.Module) and getattr(type(parent), "_ntk_children", False):
     return L.CHILD_DESCRIBERS.get(cls)

@@ -20,8 +20,8 @@ from ntklayers import _jax_compat, adapters
 from ntklayers.flax import _common
 
 # {id(module): "path/to/module"} of the model being captured (set by ntk_fn).
-MODULE_PATHS: contextvars.ContextVar[dict[int, str]] = contextvars.ContextVar(
-    "ntklayers_nnx_paths", default={})
+MODULE_PATHS: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar(
+    "ntklayers_nnx_paths", default=None)
 
 
 _value = _jax_compat.nnx_value
@@ -29,7 +29,7 @@ _value = _jax_compat.nnx_value
 
 def module_path(module) -> str:
   """The attribute path of ``module`` in the model being captured."""
-  return MODULE_PATHS.get().get(id(module), type(module).__name__)
+  return (MODULE_PATHS.get() or {}).get(id(module), type(module).__name__)
 
 
 def _tap(module, roles, description, out, inputs):
@@ -189,7 +189,6 @@ def _child_call(cls, original):
         getattr(parent, a, None) is self for a in _CHILDREN):
       return out
     return _CHILD_TAPS[cls](self, out, args[0], args[1:], kwargs)
-  call.__wrapped__ = original
   return call
 
 

@@ -25,12 +25,14 @@ class MultiHeadAttention(hk.MultiHeadAttention):
   Example:
     >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers.haiku as nh
     >>> def f(x):
-    ...   mha = nh.MultiHeadAttention(num_heads=2, key_size=4, w_init=hk.initializers.VarianceScaling())
+    ...   mha = nh.MultiHeadAttention(num_heads=2, key_size=4,
+    ...                               w_init=hk.initializers.VarianceScaling())
     ...   return mha(x, x, x)
     >>> net = hk.without_apply_rng(hk.transform(f))
     >>> params = net.init(jax.random.key(0), jnp.ones((1, 5, 8)))
-    >>> sorted(params)
-    ['multi_head_attention/key', 'multi_head_attention/linear', 'multi_head_attention/query', 'multi_head_attention/value']
+    >>> sorted(params)  # doctest: +NORMALIZE_WHITESPACE
+    ['multi_head_attention/key', 'multi_head_attention/linear',
+     'multi_head_attention/query', 'multi_head_attention/value']
   """
 
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,

@@ -51,6 +51,17 @@ def _padding_key(padding: Any) -> Any:
 class _ConvMixin:
   """Structure of ``hk.ConvND``: ``lax.conv_general_dilated`` plus bias."""
 
+  # Set by hk.ConvND.__init__ (declared for type checkers).
+  kernel_shape: Any
+  stride: Any
+  padding: Any
+  lhs_dilation: Any
+  kernel_dilation: Any
+  feature_group_count: int
+  channel_index: int
+  num_spatial_dims: int
+  mask: Any
+
   _ntk_base = hk.ConvND
   _ntk_roles = {"w": "w", "b": "b"}
 
