@@ -46,7 +46,7 @@ Usage::
   python benchmarks/bench_ntk.py --models mlp --repeats 20
   python benchmarks/bench_ntk.py --models mlp_linen,mlp_nnx   # + their Haiku twin mlp
   python benchmarks/bench_ntk.py --skip-jacobian      # no slow baseline (floor target only)
-  python benchmarks/bench_ntk.py --rss --check        # per-row max RSS; exit 1 if a target is missed
+  python benchmarks/bench_ntk.py --rss --check        # per-row max RSS; exit 1 on a missed target
 
 Calls of one model's methods, and of the Flax twins of a Haiku model together
 with it, are interleaved (round robin: every method of ``mlp``, ``mlp_linen``,

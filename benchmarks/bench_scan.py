@@ -163,8 +163,8 @@ def main(argv=None) -> int:
     apply, params, x, kernel = MODELS[name](args.blocks)
     n_params = sum(a.size for a in jax.tree.leaves(params))
     print(f"\n{name}: {args.blocks} blocks, {n_params} parameters, x {tuple(x.shape)}")
-    fns = {"factors": jax.jit(lambda p, x: ntklayers.capture(apply, p, x,
-                                                             implementation="structured")),
+    fns = {"factors": jax.jit(lambda p, x, f=apply: ntklayers.capture(
+               f, p, x, implementation="structured")),
            "auto": kernel("auto"), "ntk_vp": kernel("ntk_vp")}
     if not args.skip_jacobian:
       fns["jacobian"] = kernel("jacobian")

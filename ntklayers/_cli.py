@@ -85,7 +85,7 @@ def _progress(total: int | None) -> Iterator[Callable[[str], None]]:
     yield lambda stage: None
     return
   bar = tqdm(total=total, unit="stage", leave=False, file=sys.stderr, disable=None)
-  started = []
+  started: list[str] = []
 
   def progress(stage: str) -> None:
     if started:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -183,7 +183,7 @@ def _fitter(f: Callable, index: tuple[int, ...], n_groups: int, steps: int, lr: 
 
   @jax.jit
   def fit(params, x, log_target, cond_weight, ridge, scale_reg):
-    dtype = jnp.result_type(*[l for l, i in zip(jax.tree.leaves(params), index) if i >= 0])
+    dtype = jnp.result_type(*[a for a, i in zip(jax.tree.leaves(params), index) if i >= 0])
     s0 = jnp.zeros((n_groups,), dtype)
     if target_mode == "init":  # keep the initial mean eigenvalue
       log_target = jax.lax.stop_gradient(loss_fn(s0, params, x, 0.0, 0.0, ridge)[1][0])
@@ -286,8 +286,8 @@ def calibrate(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
           "init" if isinstance(target_trace, str) else "value")
   fit = _fitter(f, index, len(names), int(steps), float(lr), _Key(trainable), mode)
   s, (loss, log_mean, log_kappa), final = fit(
-      params, x, math.log(target_trace) if mode == "value" else 0.0, cond_weight, ridge,
-      scale_reg)
+      params, x, math.log(cast(float, target_trace)) if mode == "value" else 0.0,
+      cond_weight, ridge, scale_reg)
   out = _apply_log_scales(params, s, index)
   if not (return_scales or return_history):
     return out

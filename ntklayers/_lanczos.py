@@ -3,8 +3,9 @@
 :func:`symmetric_eigenvalues` serves every spectral metric of a formed kernel.
 For kernels too large to form, the kernel ``Θ = J Jᵀ`` of a batch (``J`` the
 Jacobian of the flattened outputs ``[N·O]`` with respect to the parameters) is
-never formed: each Lanczos step applies ``v ↦ J (Jᵀ v)``, one VJP and one JVP through the model on the whole
-batch, so the operator is exact even when examples interact (batch statistics).
+never formed: each Lanczos step applies ``v ↦ J (Jᵀ v)``, one VJP and one JVP
+through the model on the whole batch, so the operator is exact even when
+examples interact (batch statistics).
 Memory is ``O(num_iters · N·O)`` plus one linearization of the model.
 """
 

@@ -100,7 +100,7 @@ def eigvalsh(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Ar
 
   Example:
     >>> import jax.numpy as jnp, ntklayers.metrics as nm
-    >>> nm.eigvalsh(jnp.diag(jnp.array([3., 1., 2.]))).tolist()
+    >>> [round(v, 6) for v in nm.eigvalsh(jnp.diag(jnp.array([3., 1., 2.]))).tolist()]
     [1.0, 2.0, 3.0]
   """
   return _spectrum(K, diagonal_axes, "eigvalsh")
@@ -139,7 +139,7 @@ def lambda_min(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.
 
   Example:
     >>> import jax.numpy as jnp, ntklayers.metrics as nm
-    >>> float(nm.lambda_min(jnp.diag(jnp.array([3., 1.]))))
+    >>> round(float(nm.lambda_min(jnp.diag(jnp.array([3., 1.])))), 6)
     1.0
   """
   return _spectrum(K, diagonal_axes, "lambda_min")[0]
@@ -170,9 +170,9 @@ def condition_number(K: ArrayLike, *,
 
   Example:
     >>> import jax.numpy as jnp, ntklayers.metrics as nm
-    >>> float(nm.condition_number(jnp.diag(jnp.array([4., 1.]))))
+    >>> round(float(nm.condition_number(jnp.diag(jnp.array([4., 1.])))), 6)
     4.0
-    >>> float(nm.condition_number(jnp.diag(jnp.array([4., 0.]))))
+    >>> float(nm.condition_number(jnp.diag(jnp.array([4., -1.]))))  # indefinite
     inf
   """
   ev = _spectrum(K, diagonal_axes, "condition_number")
@@ -209,16 +209,16 @@ def trace(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Array
   if any(not -rank <= a < rank for a in diag):
     raise ValueError(f"`trace`: diagonal_axes={diag} out of range for a kernel of "
                      f"{rank} output axes (batch included), shape {K.shape}.")
-  diag = {a % rank for a in diag}
+  diag_set = {a % rank for a in diag}
   letters, i = [], 0
   for axis, c in zip(range(rank), "abcdefghijklmnopqrstuvwxyz"):
-    if axis in diag:
+    if axis in diag_set:
       letters.append(c)
       i += 1
     else:
       if K.shape[i] != K.shape[i + 1]:
         raise ValueError(f"`trace` needs matching axes ({i}, {i + 1}) in shape "
-                         f"{K.shape} (diagonal_axes={tuple(diag)}).")
+                         f"{K.shape} (diagonal_axes={tuple(diag_set)}).")
       letters += [c, c]
       i += 2
   return jnp.einsum("".join(letters) + "->", K)

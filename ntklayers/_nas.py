@@ -13,7 +13,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,9 @@ KERNEL_OF = {"te_nas_kappa": "te_nas", "kappa": "full", "trace_norm": "diag",
 
 def _leaf_name(path: tuple) -> str | None:
   """The key naming a leaf: the last dict key or attribute, skipping NNX's ``.value``."""
-  path = [k for k in path if getattr(k, "name", None) not in ("value", "raw_value")]
-  if path and isinstance(path[-1], (jax.tree_util.DictKey, jax.tree_util.GetAttrKey)):
-    return str(getattr(path[-1], "key", getattr(path[-1], "name", None)))
+  keys = [k for k in path if getattr(k, "name", None) not in ("value", "raw_value")]
+  if keys and isinstance(keys[-1], (jax.tree_util.DictKey, jax.tree_util.GetAttrKey)):
+    return str(getattr(keys[-1], "key", getattr(keys[-1], "name", None)))
   return None
 
 
@@ -149,7 +149,7 @@ def te_nas_kernel(f: Callable[[Any, Any], jax.Array], params: Any,
     >>> bool(jnp.allclose(te_nas_kernel(net.apply, params, x), 3 * x @ x.T))
     True
   """
-  return _api.ntk_fn(summed(f), trainable=weights_only)(params, x)
+  return cast(jax.Array, _api.ntk_fn(summed(f), trainable=weights_only)(params, x))
 
 
 def te_nas_kappa(f: Callable[[Any, Any], jax.Array], params: Any,
@@ -194,7 +194,7 @@ def kappa(f: Callable[[Any, Any], jax.Array], params: Any, x: ArrayLike) -> jax.
     >>> round(float(kappa(net.apply, net.init(jax.random.key(0), x), x)), 4)
     4.0
   """
-  return _metrics.condition_number(_api.ntk_fn(f)(params, x))
+  return _metrics.condition_number(cast(jax.Array, _api.ntk_fn(f)(params, x)))
 
 
 def trace_norm(f: Callable[[Any, Any], jax.Array], params: Any, x: ArrayLike) -> jax.Array:
@@ -249,7 +249,7 @@ def trace_norm_of(f: Callable, params: Any, x: Any, trainable: Any = None,
     if mode == _replay.INDEPENDENT:
       opts = dict(diagonal_axes=(0,), trace_axes=tuple(range(1, out.ndim)),
                   implementation="structured", trainable=s_mask)
-      total = total + jnp.sum(_api.ntk_fn(f, **opts)(params, x)) * m
+      total = total + jnp.sum(cast(jax.Array, _api.ntk_fn(f, **opts)(params, x))) * m
     else:
       rows = []
   rest = [i for i, t in enumerate(mask) if t and i not in rows]
@@ -328,10 +328,11 @@ def label_alignment(f: Callable[[Any, Any], jax.Array], params: Any, x: ArrayLik
     >>> net = hk.without_apply_rng(hk.transform(
     ...     lambda x: ntklayers.Linear(2, with_bias=False)(x)))
     >>> x, y = jnp.array([[1., 0.], [0., 1.], [1., 0.]]), jnp.array([0, 1, 0])
-    >>> float(label_alignment(net.apply, net.init(jax.random.key(0), x), x, y))
+    >>> round(float(label_alignment(net.apply, net.init(jax.random.key(0), x), x, y)), 6)
     1.0
   """
-  K = _api.ntk_fn(f, **kernel_options("traced", jax.eval_shape(f, params, x).ndim))(params, x)
+  K = cast(jax.Array, _api.ntk_fn(
+      f, **kernel_options("traced", jax.eval_shape(f, params, x).ndim))(params, x))
   return alignment_of(K, y, centered, label_num_classes(y, num_classes))
 
 

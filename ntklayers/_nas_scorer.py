@@ -47,7 +47,7 @@ class HaikuAdapter:
     if with_state:
       def f(ps, x):
         return transformed.apply(ps["params"], ps["state"], *key, x)[0]
-      self.trainable = {"params": True, "state": False}
+      self.trainable: dict[str, bool] | None = {"params": True, "state": False}
       self.weights = lambda ps: {"params": weights_only(ps["params"]), "state": False}
     else:
       f = (lambda p, x: transformed.apply(p, *key, x)) if key else transformed.apply
@@ -88,7 +88,7 @@ class LinenAdapter:
 
   def plain(self, static: Any, dynamic: Any) -> tuple[Callable, Any, Any]:
     rest = {k: v for k, v in dynamic.items() if k != "params"}
-    f = lambda p, x: self.module.apply({"params": p, **rest}, x)
+    f: Any = lambda p, x: self.module.apply({"params": p, **rest}, x)
     f.__ntk_owner__ = self.module
     return f, dynamic["params"], None
 
@@ -121,7 +121,7 @@ class NnxAdapter:
 
   def plain(self, static: Any, dynamic: Any) -> tuple[Callable, Any, Any]:
     graphdef, (p, rest) = static[0], dynamic[:2]
-    f = lambda q, x: self.nnx.merge(graphdef, *jax.tree.map(lambda a: a, (q, *rest)))(x)
+    f: Any = lambda q, x: self.nnx.merge(graphdef, *jax.tree.map(lambda a: a, (q, *rest)))(x)
     f.__ntk_owner__ = graphdef
     return f, p, None
 

@@ -128,4 +128,4 @@ def forward_flops(arch: Arch, d_in: int = 64) -> float:
   params = net.init(jax.random.key(0), x)
   cost = jax.jit(net.apply).lower(params, x).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
+  return float("nan") if cost is None else float(cost.get("flops", float("nan")))

@@ -15,7 +15,7 @@ Glossary of shapes: ``N`` probe batch size; ``O`` outputs of ``f`` per example
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ class NTKMonitorState(NamedTuple):
     kernel0: ``[N, N, O, O]`` kernel at the first monitored step, only when
       ``relative_change`` is monitored (else ``None``).
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
   values: dict[str, jax.Array]
   last_step: jax.Array
   num_records: jax.Array
@@ -74,7 +74,7 @@ class NTKStepSizeGuardState(NamedTuple):
     stable_lr: ``[]`` last bound ``2N/λmax`` (for ``loss="mean"``), NaN before.
     probe_lambda_max: ``[]`` last ``λmax`` of the probe kernel, NaN before.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
   scale: jax.Array
   stable_lr: jax.Array
   probe_lambda_max: jax.Array
@@ -213,10 +213,10 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
         kernel0=jnp.zeros(k_shape.shape, dtype) if keep_k0 else None)
 
   def record(state: NTKMonitorState, params: Any) -> NTKMonitorState:
-    K = kernel_fn(params, probe_x)
+    K = cast(jax.Array, kernel_fn(params, probe_x))  # layerwise=False: one array
     kernel0 = state.kernel0
     if keep_k0:  # K_0 is the kernel of the first monitored step (this one if none yet)
-      kernel0 = jnp.where(state.num_records == 0, K, kernel0)
+      kernel0 = jnp.where(state.num_records == 0, K, cast(jax.Array, kernel0))
     values = measure(K, kernel0)
     slot = state.num_records % size
     row = jnp.stack([values[n] for n in names])

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-def time_round_robin(fns: dict[str, Callable[..., Any]], *args: Any, repeats: int,
+def time_round_robin(fns: Mapping[str, Callable[..., Any]], *args: Any, repeats: int,
                      budget_s: float = float("inf"), min_repeats: int = 3
                      ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, Any]]:
   """Steady-state timing of several functions of the same arguments.
@@ -26,7 +26,7 @@ def time_round_robin(fns: dict[str, Callable[..., Any]], *args: Any, repeats: in
                           budget_s=budget_s, min_repeats=min_repeats)
 
 
-def time_interleaved(calls: dict[Hashable, tuple[Callable[..., Any], tuple]], *,
+def time_interleaved(calls: Mapping[Any, tuple[Callable[..., Any], tuple]], *,
                      repeats: int, budget_s: float = float("inf"), min_repeats: int = 3
                      ) -> tuple[dict[Any, list[float]], dict[Any, float], dict[Any, Any]]:
   """Steady-state timing of several calls ``{key: (fn, args)}``.

@@ -15,7 +15,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -76,11 +76,12 @@ class TrainabilityReport:
   reasons: tuple[str, ...]
 
   def __str__(self) -> str:
-    rows = [("λmax", self.lambda_max), ("λmin", self.lambda_min),
-            ("κ = λmax/λmin", self.condition_number),
-            (f"max stable lr ({self.loss})", self.max_stable_lr), ("lr", self.lr),
-            ("lr / max stable lr", self.lr / self.max_stable_lr),
-            ("effective rank", self.effective_rank), ("trace", self.trace)]
+    rows: list[tuple[str, Any]] = [
+        ("λmax", self.lambda_max), ("λmin", self.lambda_min),
+        ("κ = λmax/λmin", self.condition_number),
+        (f"max stable lr ({self.loss})", self.max_stable_lr), ("lr", self.lr),
+        ("lr / max stable lr", self.lr / self.max_stable_lr),
+        ("effective rank", self.effective_rank), ("trace", self.trace)]
     if self.alignment is not None:
       rows += [("alignment", self.alignment), ("centered alignment",
                                                self.centered_alignment)]
@@ -165,7 +166,7 @@ def check_trainability(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, 
   if ntk_options.get("trace_axes", ()) != () or ntk_options.get("diagonal_axes", ()) != ():
     raise ValueError("check_trainability needs the full kernel: do not pass "
                      "`trace_axes` or `diagonal_axes`.")
-  K = _api.ntk_fn(f, trainable=trainable, **ntk_options)(params, x)
+  K = cast(jax.Array, _api.ntk_fn(f, trainable=trainable, **ntk_options)(params, x))
   if y is not None:
     y = jnp.asarray(y)
     if num_classes is None and jnp.issubdtype(y.dtype, jnp.integer) and y.ndim == 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from jax.typing import ArrayLike
@@ -22,7 +22,7 @@ from ntklayers import _metrics
 _INSTALL = "ntklayers.plot needs matplotlib: pip install 'ntklayers[plot]'"
 
 
-def _figure(layout: str = "constrained", **kwargs: Any) -> Any:
+def _figure(layout: Literal["constrained", "compressed"] = "constrained", **kwargs: Any) -> Any:
   try:
     from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -39,13 +39,13 @@ def _finish(fig: Any, path: str | os.PathLike[str] | None) -> Any:
 def _labels(labels: ArrayLike | None, n: int) -> np.ndarray | None:
   if labels is None:
     return None
-  labels = np.asarray(labels)
-  if labels.ndim == 2:  # one-hot
-    labels = labels.argmax(-1)
-  if labels.shape != (n,):
+  out = np.asarray(labels)
+  if out.ndim == 2:  # one-hot
+    out = out.argmax(-1)
+  if out.shape != (n,):
     raise ValueError(f"`labels` must be [N] = [{n}] (or one-hot [N, C]); got shape "
-                     f"{np.shape(labels)}.")
-  return labels
+                     f"{np.shape(out)}.")
+  return out
 
 
 def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,

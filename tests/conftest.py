@@ -18,6 +18,12 @@ Compilation dominates the suite's run time on CPU (hundreds of tiny programs), s
 XLA's backend (LLVM) optimization level is lowered to 0 unless ``XLA_FLAGS``
 already chooses one: this cuts compile time about 4x and does not change the
 floating-point semantics that the exactness tests check.
+
+``jax_num_cpu_devices=2``: the CPU backend exposes two devices (so that sharded
+inputs and parameters can be tested); it must be set before the backend
+initializes, i.e. before any array is created, which is why it is set here, at
+import time of the first conftest. Computations still run on the default
+(first) device unless a test places them elsewhere.
 """
 
 import os
@@ -28,6 +34,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

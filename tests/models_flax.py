@@ -232,6 +232,17 @@ class LinenMLP(nn.Module):
     return fl.Dense(3, param_dtype=self.dtype)(x)
 
 
+class LinenGeneral(nn.Module):
+  """[N, 5] -> DenseGeneral to [N, 2, 3] -> DenseGeneral over both axes -> [N, 3]."""
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(fl.DenseGeneral((2, 3), param_dtype=self.dtype)(x))
+    return fl.DenseGeneral(3, axis=(-2, -1), param_dtype=self.dtype)(x)
+
+
 class LinenCNN(nn.Module):
   """[N, 9, 9, 2]: strided SAME, dilated, grouped VALID, CIRCULAR; then a Dense."""
 
@@ -370,6 +381,18 @@ class NnxMLP(nnx.Module):
     for layer in self.layers[:-1]:
       x = nnx.relu(layer(x))
     return self.layers[-1](x)
+
+
+class NnxGeneral(nnx.Module):
+  """[N, 5] -> LinearGeneral to [N, 2, 3] -> LinearGeneral over both axes -> [N, 3]."""
+
+  def __init__(self, dtype, rngs: nnx.Rngs):
+    kw = dict(param_dtype=dtype, rngs=rngs)
+    self.split = fx.LinearGeneral(5, (2, 3), **kw)
+    self.merge = fx.LinearGeneral((2, 3), 3, axis=(-2, -1), **kw)
+
+  def __call__(self, x):
+    return self.merge(jnp.tanh(self.split(x)))
 
 
 class NnxCNN(nnx.Module):
@@ -551,6 +574,7 @@ _ATT = "MultiHeadDotProductAttention_0"
 FLAX_MODELS: tuple[FlaxModelDescriptor, ...] = (
     # ----------------------------------------------------------- linen
     _linen("linen_mlp", LinenMLP, (5,), ("Dense_0", "Dense_1", "Dense_2")),
+    _linen("linen_dense_general", LinenGeneral, (5,), ("DenseGeneral_0", "DenseGeneral_1")),
     _linen("linen_cnn", LinenCNN, (9, 9, 2),
            ("Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0")),
     _linen("linen_transformer", LinenTransformer, (4, 8),
@@ -578,6 +602,7 @@ FLAX_MODELS: tuple[FlaxModelDescriptor, ...] = (
     _linen("linen_embed", LinenEmbed, (5,), ("Embed_0", "Dense_0", "Dense_1"), vocab=11),
     # ------------------------------------------------------------- NNX
     _nnx("nnx_mlp", NnxMLP, (5,), ("layers/0", "layers/1", "layers/2")),
+    _nnx("nnx_linear_general", NnxGeneral, (5,), ("split", "merge")),
     _nnx("nnx_cnn", NnxCNN, (9, 9, 2), ("conv1", "conv2", "conv3", "conv4", "head")),
     _nnx("nnx_transformer", NnxTransformer, (4, 8),
          ("ln1", "att/query", "att/key", "att/value", "att/out", "ln2", "mlp_in",

@@ -17,7 +17,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+# The one tolerance policy of the suite (``rel_err = max|K - K_ref| / max|K_ref|``):
+#
+# * ``TOL64``: float64 parameters and inputs. ntklayers computes the same quantity as
+#   the reference by another contraction order, so only float64 rounding separates
+#   the two (observed: <= 1e-15).
+# * ``TOL32``: a float32 kernel against the float64 reference of the *same*
+#   parameters and inputs upcast to float64: a few hundred float32 ulps
+#   (2**-23 ~ 1.2e-7) accumulated over contractions of a few hundred terms, with
+#   margin. Well-conditioned models only.
+TOL64 = 1e-10
+TOL32 = 1e-4
+
+# Every value of ``ntk_fn(..., implementation=...)``.
+IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
 
 
 def flat_jacobian(f, params: Any, x: Any, mask: Any = None) -> np.ndarray:
@@ -49,6 +65,31 @@ def flat_jacobian(f, params: Any, x: Any, mask: Any = None) -> np.ndarray:
   jac = jax.jit(jax.jacrev(g))(sub)  # per leaf: [*out_shape, *leaf_shape]
   parts = [np.asarray(j).reshape(out_shape + (-1,)) for j in jac]
   return np.concatenate(parts, axis=-1)
+
+
+_JACOBIANS: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def batch_jacobians(f, params: Any, x1: Any, x2: Any, *, coupled: bool,
+                    cache_key: Any = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reference Jacobians ``(J(x1), J(x2))`` w.r.t. all leaves of ``params``.
+
+  ``coupled``: examples interact inside ``f``, so each batch is differentiated
+  whole. Otherwise both batches go through one Jacobian of the concatenated batch
+  (one compilation instead of two). ``cache_key`` (e.g. a registry model's name):
+  the result is kept for the rest of the process, so that test files checking the
+  same model share one reference (compilation dominates the suite's run time).
+  """
+  if cache_key is not None:
+    if cache_key not in _JACOBIANS:
+      _JACOBIANS[cache_key] = batch_jacobians(f, params, x1, x2, coupled=coupled)
+    return _JACOBIANS[cache_key]
+  if coupled:
+    return flat_jacobian(f, params, x1), flat_jacobian(f, params, x2)
+  x12 = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
+  j = flat_jacobian(f, params, x12)
+  n1 = jax.tree.leaves(x1)[0].shape[0]
+  return j[:n1], j[n1:]
 
 
 def mask_columns(params: Any, mask: Any) -> np.ndarray:

@@ -14,10 +14,9 @@ import pytest
 import models
 import ntklayers
 import ntklayers.haiku as nh
-from reference import (assert_rel_close, flat_jacobian, full_kernel, reference_ntk,
+from reference import (TOL64, assert_rel_close, flat_jacobian, full_kernel, reference_ntk,
                        rel_err)
 
-TOL64 = 1e-10
 FALLBACK_WARNING = r"handled by the exact generic fallback"
 
 

@@ -23,9 +23,8 @@ import ntklayers
 import ntklayers.flax
 from ntklayers.flax import linen as fl
 from ntklayers.flax import nnx as fx
-from reference import assert_rel_close
+from reference import TOL64, assert_rel_close
 
-TOL64 = 1e-10
 F64 = jnp.float64
 
 

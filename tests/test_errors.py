@@ -166,7 +166,8 @@ def test_f_returning_tuple(mlp):
 
 
 def test_f_output_without_batch_axis(mlp):
-  with pytest.raises(ValueError, match=r"output of `f` must lead with the batch axis of `x` \(size 3\)"):
+  with pytest.raises(ValueError,
+                     match=r"output of `f` must lead with the batch axis of `x` \(size 3\)"):
     ntklayers.ntk(lambda p, x: jnp.sum(mlp.f(p, x)), mlp.params, mlp.x1)
   with pytest.raises(ValueError, match=r"\(size 2\); got output shape \(3, 2\)"):
     ntklayers.ntk(lambda p, x: mlp.f(p, x).T, mlp.params, mlp.x2)

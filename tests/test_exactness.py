@@ -1,27 +1,21 @@
-"""Exactness of ntklayers' kernels against the independent reference (``reference.py``).
+"""Options and dtypes of the Haiku entry point against the independent reference.
 
-Tolerance policy:
+The plain kernel of every registry model (Haiku, linen, NNX), with every
+``implementation``, is checked by ``test_registry.py``; this file checks the
+options on the Haiku models (``layerwise``, ``trace_axes``, ``diagonal_axes``,
+``trainable``, the batch axis on outputs of every rank) with
+``implementation="auto"`` on every model, a few option x implementation spot
+checks, and float32.
 
-* float64 (inputs and parameters): every implementation must match the
-  reference to ``rel_err <= 1e-10`` (``rel_err = max|K - K_ref| / max|K_ref|``).
-  ntklayers computes exactly the same quantity by a different contraction order,
-  so only float64 rounding separates the two.
-* float32: the kernel (in float32) is compared with the float64 reference of the
-  *same* parameters and inputs upcast to float64, to ``rel_err <= 1e-4``: a few
-  hundred ulps of float32 (2**-23 ~ 1.2e-7) accumulated over contractions of a few
-  hundred terms, with margin. This holds for well-conditioned models only:
-  ``batchnorm_train`` (batch statistics of 3 examples) is left out, since there
-  even the float32 *reference* is 1.6e-4 away from the float64 one.
-
-To keep the suite fast, every implementation is checked on every model for the
-plain kernel; the options (``layerwise``, ``trace_axes``, ``diagonal_axes``,
-``trainable``) are checked with ``implementation="auto"`` on every model, plus a
-few option x implementation spot checks.
+Tolerances are ``reference.TOL64`` (float64: ``rel_err <= 1e-10``, where
+``rel_err = max|K - K_ref| / max|K_ref|``) and ``reference.TOL32`` (float32: the
+kernel against the float64 reference of the *same* parameters and inputs upcast
+to float64). ``TOL32`` holds for well-conditioned models only:
+``batchnorm_train`` (batch statistics of 3 examples) is left out, since there
+even the float32 *reference* is 1.6e-4 away from the float64 one.
 """
 
 from __future__ import annotations
-
-import functools
 
 import haiku as hk
 import jax
@@ -31,12 +25,8 @@ import pytest
 
 import models
 import ntklayers
-from reference import (apply_axes, assert_rel_close, flat_jacobian, full_kernel,
-                       mask_columns, reference_ntk)
-
-IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
-TOL64 = 1e-10
-TOL32 = 1e-4
+from reference import (TOL32, TOL64, apply_axes, assert_rel_close, batch_jacobians,
+                       full_kernel, mask_columns, reference_ntk)
 
 # ------------------------------------------------------------ trainable ---
 
@@ -84,27 +74,18 @@ def trainable_modules(params, trainable) -> set[str]:
 # ------------------------------------------------------------ reference ---
 
 
-def batch_jacobians(model, f, params, x1, x2):
-  """Reference Jacobians ``(J(x1), J(x2))`` w.r.t. all leaves of ``params``.
-
-  For models whose examples are independent, both batches go through one
-  Jacobian of the concatenated batch (one compilation instead of two).
-  """
+def model_jacobians(model, f, params, x1, x2, cache_key=None):
+  """``reference.batch_jacobians`` of a registry model (its warnings tolerated)."""
   with models.expect_fallback_warning(model):
-    if model.coupled:
-      return flat_jacobian(f, params, x1), flat_jacobian(f, params, x2)
-    x12 = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), x1, x2)
-    j = flat_jacobian(f, params, x12)
-  n1 = jax.tree.leaves(x1)[0].shape[0]
-  return j[:n1], j[n1:]
+    return batch_jacobians(f, params, x1, x2, coupled=model.coupled, cache_key=cache_key)
 
 
-@functools.lru_cache(maxsize=None)
 def jacobians(name: str):
-  """``batch_jacobians`` of model ``name`` in float64, cached per process; masked
-  references select columns of it (``mask_columns``)."""
+  """Reference Jacobians of model ``name`` in float64, cached per process (shared
+  with ``test_registry``); masked references select columns (``mask_columns``)."""
   built = models.build(name)
-  return batch_jacobians(models.BY_NAME[name], built.f, built.params, built.x1, built.x2)
+  return model_jacobians(models.BY_NAME[name], built.f, built.params, built.x1, built.x2,
+                         cache_key=name)
 
 
 def reference(name: str, *, same: bool = False, trace_axes=(), diagonal_axes=(),
@@ -126,10 +107,10 @@ def kernel(model, *, same: bool = False, dtype=jnp.float64, **options):
     return fn(built.params, built.x1, None if same else built.x2)
 
 
-ALL = models.model_params(models.MODELS + models.CLASS_MODELS)
 # The option checks (layerwise, axes, masks) run on the class models of issue #6
-# in the slow suite only; their plain kernels (every implementation), the batch
-# axis on every rank and the fuzzer cover them in the default suite.
+# in the slow suite only; their plain kernels (every implementation, in
+# test_registry), the batch axis on every rank and the fuzzer cover them in the
+# default suite.
 OPTIONS = models.model_params(models.MODELS) + models.model_params(models.CLASS_MODELS,
                                                                    slow=True)
 
@@ -171,19 +152,6 @@ def test_reference_axes_against_loops():
   out = apply_axes(full, 3, diagonal_axes=(1,))
   assert out.shape == (2, 2, 3, 4, 4)
   np.testing.assert_array_equal(out[1, 0, 2, 3, 1], full[1, 2, 3, 0, 2, 1])
-
-
-# ------------------------------------------------------------- plain kernel ---
-
-
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("model", ALL)
-def test_kernel_matches_reference(model, implementation):
-  k = kernel(model, implementation=implementation)
-  ref = reference(model.name)
-  assert k.shape == ref.shape
-  assert k.dtype == jnp.float64
-  assert_rel_close(k, ref, TOL64)
 
 
 # ----------------------------------------------------- options, "auto" only ---
@@ -305,7 +273,7 @@ def test_batch_axis_distinct_x2_of_same_size(name, case):
   x2 = jax.tree.map(lambda a: 0.7 * a[::-1] + 0.1, built.x1)
   with models.expect_fallback_warning(model):
     k = ntklayers.ntk_fn(built.f, **case)(built.params, built.x1, x2)
-  j1, j2 = batch_jacobians(model, built.f, built.params, built.x1, x2)
+  j1, j2 = model_jacobians(model, built.f, built.params, built.x1, x2)
   assert_rel_close(k, apply_axes(full_kernel(j1, j2), j1.ndim - 1, **case), TOL64)
 
 
@@ -360,6 +328,6 @@ def test_float32_within_tolerance(name, implementation):
         lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
         tree)
 
-  j1, j2 = batch_jacobians(model, built32.f, up(built32.params), up(built32.x1),
+  j1, j2 = model_jacobians(model, built32.f, up(built32.params), up(built32.x1),
                            up(built32.x2))
   assert_rel_close(k, apply_axes(full_kernel(j1, j2), j1.ndim - 1), TOL32)

@@ -20,9 +20,8 @@ import ntklayers
 import ntklayers.flax
 from ntklayers.flax import linen as fl
 from ntklayers.flax import nnx as fx
-from reference import assert_rel_close, reference_ntk
+from reference import TOL64, assert_rel_close, reference_ntk
 
-TOL64 = 1e-10
 F64 = jnp.float64
 FALLBACK_WARNING = r"handled by the exact generic fallback"
 

@@ -1,28 +1,24 @@
-"""Exactness of the Flax entry points (linen and NNX) against the independent reference.
+"""Options and dtypes of the Flax entry points (linen and NNX) against the reference.
 
-Every model of ``models_flax.FLAX_MODELS`` is run through its Flax entry point
-(``ntklayers.flax.ntk_fn(module)(variables, x1, x2, **apply_kwargs)`` or
-``ntklayers.flax.nnx.ntk_fn()(model, x1, x2)``) and compared with
-``reference.py`` (``jax.jacrev`` of the same ``f(params, x)`` and NumPy).
+The plain kernel of every registry model, with every ``implementation``, and the
+descriptors' dtypes are checked by ``test_registry.py``; this file checks what
+is specific to the Flax entry points
+(``ntklayers.flax.ntk_fn(module)(variables, x1, x2, **apply_kwargs)`` and
+``ntklayers.flax.nnx.ntk_fn()(model, x1, x2)``): ``layerwise`` keys (the Flax
+module paths), ``trace_axes``, ``diagonal_axes``, ``trainable`` and float32,
+against ``reference.py`` (``jax.jacrev`` of the same ``f(params, x)`` and NumPy).
 
-Tolerance policy (as in ``test_exactness.py``):
+Tolerances are ``reference.TOL64`` (float64, ``rel_err <= 1e-10``) and
+``reference.TOL32`` (float32 against the float64 reference of the *same*
+parameters and inputs upcast to float64).
 
-* float64: every implementation matches the reference to ``rel_err <= 1e-10``
-  (``rel_err = max|K - K_ref| / max|K_ref|``); only float64 rounding separates
-  the two contraction orders (observed: <= 1e-15).
-* float32: the float32 kernel is compared with the float64 reference of the
-  *same* parameters and inputs upcast to float64, to ``rel_err <= 1e-4`` (a few
-  hundred float32 ulps accumulated over contractions of a few hundred terms).
-
-Cost: compilation dominates (each kernel is one program). Every implementation is
-checked on the plain kernel; options (``layerwise``, ``trace_axes``,
-``diagonal_axes``, ``trainable``) use ``implementation="auto"``; the heaviest
-combinations are ``@pytest.mark.slow`` (see ``FAST_OPTIONS``).
+Cost: compilation dominates (each kernel is one program). Options use
+``implementation="auto"``; the heaviest combinations are ``@pytest.mark.slow``
+(see ``FAST_OPTIONS``).
 """
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +26,8 @@ import numpy as np
 import pytest
 
 import models_flax
-from reference import (apply_axes, assert_rel_close, flat_jacobian, full_kernel,
-                       mask_columns)
-
-IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
-TOL64 = 1e-10
-TOL32 = 1e-4
+from reference import (TOL32, TOL64, apply_axes, assert_rel_close, batch_jacobians,
+                       flat_jacobian, full_kernel, mask_columns)
 
 # Library bugs: {model name: reason}, run as strict xfails so that a fix is noticed.
 # (Empty: "nnx_batchnorm_train" failed with flax's TraceContextError until
@@ -44,18 +36,11 @@ KNOWN_BUGS: dict[str, str] = {}
 
 # What runs by default (compilation of the attention and conv models costs
 # seconds each on CPU); everything else is @pytest.mark.slow:
-# * plain kernel: every implementation on the models whose fallback differs
-#   (plain modules, embeddings, samples that interact) and on the MLPs; "auto"
-#   on the CNNs and BatchNorm in eval mode; the transformers' plain kernel is
-#   slow-marked (their "auto" kernel is still checked by default through the
-#   sum of test_layerwise_keys_and_sum);
 # * layerwise: every model (its keys are the Flax-specific part);
 # * trace/diagonal/trainable: one model per Flax feature: linen apply kwargs +
 #   mutable + samples that interact (linen_batchnorm_train), integer tokens
 #   (linen_embed), plain NNX modules (nnx_mixed_plain), the (graphdef, params,
 #   *states) form with BatchStat state (nnx_batchnorm_eval).
-TRANSFORMERS = {"linen_transformer", "nnx_transformer"}
-AUTO_ONLY = {"linen_cnn", "nnx_cnn", "linen_batchnorm_eval", "nnx_batchnorm_eval"}
 FAST_OPTIONS = {"linen_batchnorm_train", "linen_embed", "nnx_mixed_plain",
                 "nnx_batchnorm_eval",
                 # issue #6 classes (models_classes.py): one per class and framework
@@ -78,16 +63,6 @@ ALL = _params()
 OPTIONS = _params(slow=lambda m: m.slow or m.name not in FAST_OPTIONS)
 
 
-def _impl_params():
-  out = []
-  for impl in IMPLEMENTATIONS:
-    for p in _params(slow=lambda m, impl=impl: m.slow or m.name in TRANSFORMERS or (
-        impl != "auto" and m.name in AUTO_ONLY)):
-      (m,) = p.values
-      out.append(pytest.param(m, impl, id=f"{m.name}-{impl}", marks=p.marks))
-  return out
-
-
 # ------------------------------------------------------------ trainable ---
 
 
@@ -103,18 +78,12 @@ def no_biases(params):
 # ------------------------------------------------------------ reference ---
 
 
-@functools.lru_cache(maxsize=None)
 def jacobians(name: str):
-  """Reference Jacobians ``(J(x1), J(x2))`` (all leaves) of model ``name`` in float64.
-
-  Independent examples go through one Jacobian of the concatenated batch."""
+  """Reference Jacobians ``(J(x1), J(x2))`` (all leaves) of model ``name`` in float64,
+  cached per process (shared with ``test_registry``)."""
   model, built = models_flax.BY_NAME[name], models_flax.build(name)
-  if model.coupled:
-    return (flat_jacobian(built.f, built.params, built.x1),
-            flat_jacobian(built.f, built.params, built.x2))
-  x12 = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), built.x1, built.x2)
-  j = flat_jacobian(built.f, built.params, x12)
-  return j[:models_flax.models.N1], j[models_flax.models.N1:]
+  return batch_jacobians(built.f, built.params, built.x1, built.x2,
+                         coupled=model.coupled, cache_key=name)
 
 
 def reference(name: str, *, same: bool = False, trace_axes=(), diagonal_axes=(),
@@ -134,30 +103,6 @@ def kernel(name: str, *, same: bool = False, dtype=jnp.float64, **options):
 
 
 # ----------------------------------------------------------------- tests ---
-
-
-@pytest.mark.parametrize("model", [pytest.param(m, id=m.name) for m in MODELS])
-def test_descriptor_builds_float64(model):
-  """``param_dtype=dtype`` reached every parameter (linen/NNX default to float32)."""
-  built = models_flax.build(model.name)
-  assert built.framework == model.framework == model.name.split("_")[0]
-  assert isinstance(built, models_flax.models.Built) and len(built) == 4
-  for leaf in jax.tree.leaves(built.params):
-    assert leaf.dtype == jnp.float64, (model.name, leaf.dtype)
-  for x in (built.x1, built.x2):
-    assert x.dtype == (jnp.int32 if model.int_inputs else jnp.float64)
-  assert built.x1.shape == (models_flax.models.N1, *model.x_shape)
-  assert built.x2.shape == (models_flax.models.N2, *model.x_shape)
-  assert jax.eval_shape(built.f, built.params, built.x1).ndim == model.out_rank
-
-
-@pytest.mark.parametrize("model, implementation", _impl_params())
-def test_kernel_matches_reference(model, implementation):
-  k = kernel(model.name, implementation=implementation)
-  ref = reference(model.name)
-  assert k.shape == ref.shape
-  assert k.dtype == jnp.float64
-  assert_rel_close(k, ref, TOL64)
 
 
 @pytest.mark.parametrize("model", ALL)

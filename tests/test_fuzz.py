@@ -7,10 +7,12 @@ plain ones (``hk.Linear``, ``hk.Conv1D`` / ``Conv2D``, ``hk.LayerNorm``,
 ``hk.MultiHeadAttention``, ``hk.Embed``, ``hk.BatchNorm`` in both modes), residuals,
 weight tying inside annotated layers (one module called twice) and outside them (a
 tied decoder, a bias reused as a scale), batch-coupling ops (centering, softmax over
-the batch, batch statistics), the batch permuted / reversed / gathered / transposed
-around a layer, learned prototypes with as many rows as the batch, outputs of rank 1
-to 3, ``trace_axes`` / ``diagonal_axes`` (the batch axis included), ``trainable``
-masks, ``layerwise``, and ``x2`` of another batch size (or none). Every
+the batch, batch statistics), JAX transforms inside the model (``hk.remat``,
+``hk.layer_stack`` with LayerNorms, ``hk.scan`` over a shared layer, ``hk.vmap``),
+the batch permuted / reversed / gathered / transposed around a layer, learned
+prototypes with as many rows as the batch, outputs of rank 1 to 3, ``trace_axes`` /
+``diagonal_axes`` (the batch axis included), ``trainable`` masks, ``layerwise``, and
+``x2`` of another batch size (or none). Every
 implementation's kernel must match the whole-batch ``jax.jacrev`` reference of
 ``reference.py`` in float64 (``rel_err <= 1e-10``); ntklayers' own warnings are
 ignored, exceptions fail. Rebuild a failing spec with ``build(spec)`` / ``check(spec)``.
@@ -18,7 +20,7 @@ ignored, exceptions fail. Rebuild a failing spec with ``build(spec)`` / ``check(
 Shrinking is off (each step recompiles; ``NTKLAYERS_FUZZ_SHRINK=1`` turns it on), and
 so is hypothesis' example database (nothing is written to the repository).
 
-* ``test_fuzz_implementations``: the 3 ``EXAMPLES`` plus 25 drawn examples,
+* ``test_fuzz_implementations``: the 4 ``EXAMPLES`` plus 25 drawn examples,
   ``derandomize=True`` (the same ones on every run); about 70 s on one CPU core.
 * ``test_fuzz_implementations_slow`` (``@pytest.mark.slow``): 300 examples drawn
   from ``@seed(SLOW_SEED)``.
@@ -42,10 +44,8 @@ from hypothesis import strategies as st
 import models
 import ntklayers
 import ntklayers.haiku as nh
-from reference import apply_axes, flat_jacobian, full_kernel
+from reference import IMPLEMENTATIONS, TOL64, apply_axes, flat_jacobian, full_kernel
 
-IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
-TOL64 = 1e-10
 SLOW_SEED = 20240606
 VOCAB = 7
 
@@ -64,14 +64,17 @@ class Spec:
   n2: int | None                # None: x2 = None (x2 = x1)
   trace_axes: tuple[int, ...]
   diagonal_axes: tuple[int, ...]
-  trainable: tuple              # ("all",) | ("no_biases",) | ("freeze_module", i) | ("leaves", bits)
+  # ("all",) | ("no_biases",) | ("freeze_module", i) | ("leaves", bits)
+  trainable: tuple
   layerwise: bool
 
 
 # Ops valid in rank-2 / rank-3 states (every op keeps the rank unless noted).
 COMMON_OPS = ("linear", "hk_linear", "act", "residual", "shared_twice", "tied_decoder",
               "bias_scale", "layernorm", "hk_layernorm", "batchnorm", "center",
-              "batch_softmax", "batch_stats", "permute", "gather", "prototypes")
+              "batch_softmax", "batch_stats", "permute", "gather", "prototypes",
+              # JAX transforms inside the model (structure tags survive them):
+              "remat", "stack", "scan_shared", "vmap_linear")
 RANK2_OPS = COMMON_OPS + ("unflatten",)                          # -> rank 3
 RANK3_OPS = COMMON_OPS + ("conv1d", "conv2d", "mha", "transpose", "pool")  # pool -> rank 2
 
@@ -94,6 +97,8 @@ def _op(draw, rank: int, n1: int) -> tuple:
     return (kind, draw(st.sampled_from(["reverse", "roll", "perm"])), draw(st.booleans()))
   if kind == "prototypes":
     return (kind, n1)                         # K == N1
+  if kind == "stack":                         # layers, with a LayerNorm
+    return (kind, draw(st.integers(1, 3)), draw(st.booleans()))
   if kind in ("conv1d", "conv2d"):            # (width, kernel size, plain)
     return (kind, draw(width), draw(st.integers(1, 3)), draw(st.booleans()))
   return (kind,)
@@ -211,6 +216,23 @@ def _apply_op(op: tuple, h, init: bool = False):
     mha = hk.MultiHeadAttention if args[0] else nh.MultiHeadAttention
     return mha(num_heads=2, key_size=2, model_size=f,
                w_init=hk.initializers.VarianceScaling(1.0))(h, h, h)
+  if kind == "remat":                                 # hk.remat around a residual block
+    lin = ntklayers.Linear(f)                         # named outside the transform
+    return hk.remat(lambda z: z + jnp.tanh(lin(z)))(h)
+  if kind == "stack":                                 # stacked params, one slice per step
+    def block(z):
+      if args[1]:
+        z = nh.LayerNorm(-1, create_scale=True, create_offset=True)(z)
+      return jnp.tanh(ntklayers.Linear(f)(z))
+    return hk.layer_stack(args[0])(block)(h)
+  if kind == "scan_shared":                           # one Linear reused over 2 steps
+    lin = ntklayers.Linear(f)
+    def step(z, _):
+      return jnp.tanh(lin(z)), None
+    return hk.scan(step, h, None, length=2)[0]
+  if kind == "vmap_linear":                           # per-example Linear under hk.vmap
+    lin = ntklayers.Linear(f)
+    return hk.vmap(lambda z: jnp.tanh(lin(z)), split_rng=False)(h)
   if kind == "transpose":                             # class 2: rows are positions
     return jnp.swapaxes(ntklayers.Linear(f)(jnp.swapaxes(h, 0, 1)), 0, 1)
   if kind == "pool":
@@ -372,6 +394,9 @@ EXAMPLES = (
     Spec("seq", (("conv1d", 3, 2, True), ("conv2d", 2, 3, True), ("permute", "roll", True),
                  ("layernorm", True, True)), ("hk_linear", 2, False), 2, 4, (1,), (2,),
          ("no_biases",), True),
+    Spec("seq", (("stack", 2, True), ("remat",), ("scan_shared",), ("vmap_linear",),
+                 ("shared_twice",), ("pool",)), ("linear", 2, False), 3, 2, (), (),
+         ("all",), True),
 )
 
 
@@ -379,6 +404,7 @@ EXAMPLES = (
 @example(spec=EXAMPLES[0])
 @example(spec=EXAMPLES[1])
 @example(spec=EXAMPLES[2])
+@example(spec=EXAMPLES[3])
 @given(spec=specs())
 def test_fuzz_implementations(spec):
   check(spec)

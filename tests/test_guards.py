@@ -21,9 +21,8 @@ import pytest
 import ntklayers
 import ntklayers.haiku as nh
 from ntklayers import _capture, _replay
-from reference import assert_rel_close, reference_ntk
+from reference import TOL64, assert_rel_close, reference_ntk
 
-TOL64 = 1e-10
 FALLBACK = r"handled by the exact generic fallback"
 
 

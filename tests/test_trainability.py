@@ -3,13 +3,12 @@ errors, verdict reasons, and no recompilation on repeated calls."""
 
 from __future__ import annotations
 
-import logging
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_log import log_compilations
 
 import ntklayers
 import ntklayers.metrics as nm
@@ -111,17 +110,9 @@ def test_repeated_calls_do_not_recompile(setup):
   params, x, labels, _ = setup
   check_trainability(NET.apply, params, x, lr=1e-3, y=labels)
   new_params = jax.tree.map(lambda p: p * 1.01, params)
-  records = []
-  handler = logging.Handler()
-  handler.emit = records.append
-  logging.getLogger("jax").addHandler(handler)
-  try:
-    with jax.log_compiles():
-      check_trainability(NET.apply, new_params, x, lr=1e-3, y=labels)
-  finally:
-    logging.getLogger("jax").removeHandler(handler)
-  compiled = [r.getMessage() for r in records if "Finished XLA compilation" in r.getMessage()]
-  assert not [m for m in compiled if "_jitted_kernel" in m or "_values" in m], compiled
+  with log_compilations() as log:
+    check_trainability(NET.apply, new_params, x, lr=1e-3, y=labels)
+  assert not log.count("_jitted_kernel") and not log.count("_values"), log.names
 
 
 def test_argument_checks(setup):

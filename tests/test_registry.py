@@ -1,0 +1,147 @@
+"""Exactness of every model of the shared registry, in every framework (one suite).
+
+Every descriptor of ``models.registry()`` (Haiku, linen, NNX and the classes of
+issue #6) is built once (``models.build`` / ``models_flax.build`` are cached) and
+its kernel, through the framework's own entry point and every
+``implementation``, is compared with the independent reference of
+``reference.py`` (``jax.jacrev`` of the whole batch and NumPy) in float64, to
+``reference.TOL64``:
+
+* Haiku: ``ntklayers.ntk_fn(f)(params, x1, x2)``;
+* linen: ``ntklayers.flax.ntk_fn(module)(variables, x1, x2, **apply_kwargs)``;
+* NNX: ``ntklayers.flax.nnx.ntk_fn()(model, x1, x2)``.
+
+Descriptor fields are honoured: ``coupled`` models are differentiated one whole
+batch at a time by the reference; ``warning`` / ``fallback_warning`` say which
+ntklayers warnings the model may emit (any other warning is an error, see
+pyproject.toml); ``slow`` models are ``@pytest.mark.slow``.
+
+Options (``layerwise``, ``trace_axes``, ``diagonal_axes``, ``trainable``) and
+float32 are checked per framework in ``test_exactness.py`` and
+``test_flax_exactness.py``.
+
+Cost: compilation dominates (one program per model and implementation, plus one
+reference Jacobian per model, shared through ``reference.batch_jacobians``'
+cache with those files). The heaviest combinations (``HEAVY``) run in the slow
+suite only.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import models
+import models_flax
+import numpy as np
+import pytest
+from reference import (IMPLEMENTATIONS, TOL64, apply_axes, assert_rel_close, batch_jacobians,
+                       full_kernel)
+
+import ntklayers
+
+REGISTRY = models.registry()
+
+# {model name: implementations that run in the slow suite only}: the attention,
+# conv and normalization models whose every implementation compiles for seconds on
+# CPU. Their "auto" kernel always runs by default, except for the descriptors
+# marked slow; the generic implementations are also fuzzed (test_fuzz).
+HEAVY: dict[str, tuple[str, ...]] = {
+    "linen_transformer": ("structured", "ntk_vp", "jacobian"),
+    "nnx_transformer": ("structured", "ntk_vp", "jacobian"),
+    "linen_scanned_blocks": ("structured", "ntk_vp", "jacobian"),
+    "scanned_blocks": ("structured", "ntk_vp", "jacobian"),
+    "linen_cnn": ("structured", "ntk_vp", "jacobian"),
+    "nnx_cnn": ("structured", "ntk_vp", "jacobian"),
+    "cnn2d": ("structured", "ntk_vp", "jacobian"),
+    "conv3d": ("structured", "ntk_vp", "jacobian"),
+    "linen_norms_dropin": ("structured", "ntk_vp", "jacobian"),
+    "nnx_norms_dropin": ("structured", "ntk_vp", "jacobian"),
+}
+
+
+def framework(model: models.ModelDescriptor) -> str:
+  return getattr(model, "framework", "haiku")
+
+
+def build(model: models.ModelDescriptor) -> models.Built:
+  """The cached float64 build of ``model`` (any framework)."""
+  if framework(model) == "haiku":
+    return models.build(model.name)
+  return models_flax.build(model.name)
+
+
+def kernel(model: models.ModelDescriptor, implementation: str):
+  """The plain kernel of ``model`` on ``(x1, x2)`` through its framework's entry point."""
+  built = build(model)
+  with models.expect_fallback_warning(model):
+    if framework(model) == "haiku":
+      return ntklayers.ntk_fn(built.f, implementation=implementation)(
+          built.params, built.x1, built.x2)
+    return built.ntk_fn(implementation=implementation)(built.x1, built.x2)
+
+
+def reference(model: models.ModelDescriptor) -> np.ndarray:
+  """``[N1, N2, *rest, *rest]`` reference kernel (NT layout) of ``model`` in float64."""
+  built = build(model)
+  with models.expect_fallback_warning(model):
+    j1, j2 = batch_jacobians(built.f, built.params, built.x1, built.x2,
+                             coupled=model.coupled, cache_key=model.name)
+  return apply_axes(full_kernel(j1, j2), j1.ndim - 1)
+
+
+def _params():
+  out = []
+  for m in REGISTRY:
+    for impl in IMPLEMENTATIONS:
+      slow = m.slow or impl in HEAVY.get(m.name, ())
+      out.append(pytest.param(m, impl, id=f"{m.name}-{impl}",
+                              marks=[pytest.mark.slow] if slow else []))
+  return out
+
+
+# ------------------------------------------------------------- registry ---
+
+
+def test_registry_names_unique_and_complete():
+  names = [m.name for m in REGISTRY]
+  dupes = [n for n, c in collections.Counter(names).items() if c > 1]
+  assert not dupes, f"registry names must be unique: {dupes}"
+  assert set(models.BY_NAME) | set(models_flax.BY_NAME) == set(names)
+  assert set(HEAVY) <= set(names), set(HEAVY) - set(names)
+  assert {framework(m) for m in REGISTRY} == {"haiku", "linen", "nnx"}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.name) for m in REGISTRY])
+def test_descriptor_builds_float64(model):
+  """Every descriptor builds float64 parameters (``param_dtype`` reached every Flax
+  layer: linen/NNX default to float32) and inputs of its declared shapes."""
+  built = build(model)
+  assert isinstance(built, models.Built) and len(built) == 4
+  if framework(model) != "haiku":
+    assert built.framework == model.framework == model.name.split("_")[0]
+  for leaf in jax.tree.leaves(built.params):
+    assert leaf.dtype == jnp.float64, (model.name, leaf.dtype)
+  expected = jnp.int32 if model.int_inputs else jnp.float64
+  shapes = jax.tree.leaves(model.x_shape, is_leaf=lambda s: isinstance(s, tuple))
+  for x, n in ((built.x1, models.N1), (built.x2, models.N2)):
+    assert len(jax.tree.leaves(x)) == len(shapes)
+    for leaf, shape in zip(jax.tree.leaves(x), shapes):
+      assert leaf.dtype == expected, (model.name, leaf.dtype)
+      assert leaf.shape == (n, *shape)
+  with models.expect_fallback_warning(model):
+    out = jax.eval_shape(built.f, built.params, built.x1)
+  assert out.ndim == model.out_rank
+
+
+# ------------------------------------------------------------ exactness ---
+
+
+@pytest.mark.parametrize("model, implementation", _params())
+def test_kernel_matches_reference(model, implementation):
+  k = kernel(model, implementation)
+  ref = reference(model)
+  assert k.shape == ref.shape
+  assert k.dtype == jnp.float64
+  assert_rel_close(k, ref, TOL64)

@@ -1,0 +1,439 @@
+"""Conformance of every registered structure rule (after optax's ``contrib/_common_test.py``).
+
+``EXAMPLES`` maps every registered kind (``ntklayers._rules._REGISTRY``) to examples
+of that layer kind: a rule config, a primal (the layer's input, or what the rule
+caches instead, e.g. LayerNorm's normalized input), parameters keyed by the op's
+roles, and an independent reference ``apply(params, primal) -> out`` written with
+``jax.lax`` / ``jnp`` (no ntklayers code). For every example:
+
+* ``rule.canonicalize`` returns factors in the op's documented layout
+  (``OP_LAYOUTS``), whose sizes agree with the parameters;
+* the per-example Jacobian ``op.jacobian`` built from the canonical factors equals
+  ``jax.jacrev`` of ``apply`` (float64, ``reference.TOL64``), up to the order of
+  the parameter axis and to columns that are identically zero (neither changes
+  any kernel); weight columns match the weight, offset columns the offset, and
+  the Jacobian of both roles is the weight's followed by the offset's;
+* both with per-example factors and with the batch folded into the sharing axis
+  (``Nx = 1``, as for samples that interact);
+* when the op has an activation route, ``op.activation_kernel`` equals the
+  kernel of the Jacobian route on several output layouts (traced and diagonal
+  axes, the batch axis included);
+* ``rule.unsupported`` accepts the example and ``rule.flops`` is positive.
+
+``test_every_kind_has_an_example`` fails for a registered kind without an
+example, so a new rule comes with one (and, for a new op, with its layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from reference import TOL64
+
+import ntklayers
+import ntklayers.flax  # noqa: F401  (every adapter imported: every rule registered)
+import ntklayers.haiku  # noqa: F401
+from ntklayers import _rules
+from ntklayers._axes import OutputSpec
+from ntklayers._ops import jacobian_kernel
+from ntklayers._rules_embed import EmbedConfig
+
+M1, M2 = 3, 2  # rows of the two batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One layer of a kind.
+
+  Attributes:
+    name: test id.
+    config: the rule's config record.
+    primal: ``primal(m, rng) -> [m, ...]``, the rule's primal for ``m`` rows.
+    params: ``params(rng) -> {role: array}`` (roles of the kind's op; a missing
+      offset role means the layer has none).
+    apply: ``apply(params, primal) -> [m, ...]``, the layer (independent code).
+  """
+
+  name: str
+  config: Any
+  primal: Callable[[int, np.random.Generator], jax.Array]
+  params: Callable[[np.random.Generator], dict[str, jax.Array]]
+  apply: Callable[[dict[str, jax.Array], jax.Array], jax.Array]
+
+
+def _rows(*shape):
+  """``primal(m, rng)``: ``[m, *shape]`` standard normal."""
+  return lambda m, rng: jnp.asarray(rng.normal(size=(m, *shape)))
+
+
+def _leaves(**shapes):
+  """``params(rng)``: ``{role: N(0, 1) of shape}``."""
+  return lambda rng: {k: jnp.asarray(rng.normal(size=s)) for k, s in shapes.items()}
+
+
+def _ids(vocab: int, *shape, low: int = 0, high: int | None = None):
+  """``primal(m, rng)``: integer ids in ``[low, high)`` (default ``[0, vocab)``)."""
+  high = vocab if high is None else high
+  return lambda m, rng: jnp.asarray(rng.integers(low, high, size=(m, *shape)), jnp.int32)
+
+
+# ---------------------------------------------------------------- dense ---
+
+
+def _dense(params, x, in_axes=1):
+  y = jnp.tensordot(x, params["w"], axes=in_axes)
+  b = params["b"]
+  return y + b.reshape((1,) * (y.ndim - b.ndim) + b.shape)
+
+
+# ----------------------------------------------------------------- conv ---
+
+
+def _conv(cfg: _rules.ConvConfig, spatial: str, bias_axis: int):
+  def apply(params, x):
+    dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C") if cfg.channels_last else (
+        f"NC{spatial}", f"{spatial}IO", f"NC{spatial}")
+    y = lax.conv_general_dilated(
+        x, params["w"], cfg.strides, cfg.padding, lhs_dilation=cfg.lhs_dilation,
+        rhs_dilation=cfg.rhs_dilation, dimension_numbers=dn,
+        feature_group_count=cfg.feature_group_count, precision=lax.Precision.HIGHEST)
+    b = params["b"].reshape([-1 if a == bias_axis else 1 for a in range(y.ndim)])
+    return y + b
+  return apply
+
+
+CONV_2D = _rules.ConvConfig(kernel_shape=(3, 3), strides=(2, 1), padding="SAME",
+                            lhs_dilation=(1, 1), rhs_dilation=(1, 2),
+                            feature_group_count=2, channels_last=True)
+CONV_1D_NCW = _rules.ConvConfig(kernel_shape=(2,), strides=(1,), padding=((1, 2),),
+                                lhs_dilation=(2,), rhs_dilation=(1,),
+                                feature_group_count=1, channels_last=False)
+
+
+# ---------------------------------------------------------------- scale ---
+
+
+def _scale(param_axes):
+  def apply(params, x):
+    shape = [x.shape[a] if a in param_axes else 1 for a in range(x.ndim)]
+    return x * params["scale"].reshape(shape) + params["offset"].reshape(shape)
+  return apply
+
+
+# ---------------------------------------------------------------- embed ---
+
+
+def _take_wrap(params, ids):
+  """``E[ids]``: ids in ``[-V, 0)`` wrap around (hk.Embed, flax Embed)."""
+  return params["embeddings"][ids]
+
+
+def _one_hot(vocab):
+  def apply(params, ids):
+    return jax.nn.one_hot(ids, vocab, dtype=params["embeddings"].dtype) @ params["embeddings"]
+  return apply
+
+
+def _take_clip(vocab):
+  def apply(params, ids):
+    rows = jnp.clip(jnp.where(ids < 0, ids + vocab, ids), 0, vocab - 1)
+    return params["embeddings"][rows]
+  return apply
+
+
+# ---------------------------------------------------------------- table ---
+
+EXAMPLES: dict[str, tuple[Example, ...]] = {
+    "dense": (
+        Example("dense", _rules.DenseConfig(), _rows(5), _leaves(w=(5, 4), b=(4,)),
+                _dense),
+        Example("dense_general_shared_positions", _rules.DenseConfig(in_axes=2, out_axes=2),
+                _rows(2, 3, 4), _leaves(w=(3, 4, 2, 5), b=(2, 5)),
+                lambda p, x: _dense(p, x, in_axes=2)),
+    ),
+    "conv": (
+        Example("conv2d_strided_dilated_grouped", CONV_2D, _rows(5, 6, 4),
+                _leaves(w=(3, 3, 2, 6), b=(6,)), _conv(CONV_2D, "HW", bias_axis=3)),
+        Example("conv1d_ncw_padded_lhs_dilated", CONV_1D_NCW, _rows(3, 5),
+                _leaves(w=(2, 3, 4), b=(4,)), _conv(CONV_1D_NCW, "W", bias_axis=1)),
+    ),
+    "scale": (
+        Example("scale_last_axis", _rules.ScaleConfig(param_axes=(2,)), _rows(4, 6),
+                _leaves(scale=(6,), offset=(6,)), _scale((2,))),
+        Example("scale_two_axes", _rules.ScaleConfig(param_axes=(1, 3)), _rows(2, 3, 4),
+                _leaves(scale=(2, 4), offset=(2, 4)), _scale((1, 3))),
+    ),
+    "embed": (
+        Example("embed_wrap_out_of_range", EmbedConfig(11, "wrap"), _ids(11, 6, low=-11, high=14),
+                _leaves(embeddings=(11, 3)), _take_wrap),
+        Example("embed_one_hot_out_of_range", EmbedConfig(6, "one_hot"),
+                _ids(6, 2, 3, low=-2, high=8), _leaves(embeddings=(6, 4)), _one_hot(6)),
+        Example("embed_clip", EmbedConfig(5, "clip"), _ids(5, 4, low=-7, high=9),
+                _leaves(embeddings=(5, 2)), _take_clip(5)),
+    ),
+}
+
+
+# The canonical layout of each op (``_ops.py``, ``_rules.py``): axis letters of
+# ``x_c`` and of ``g_c`` as ``canonicalize`` returns them (``B`` output slices,
+# ``M`` layer rows; letters shared by ``x_c`` and ``g_c`` must have equal sizes),
+# the dtype kind of ``x_c`` and a check of the parameter sizes.
+def _affine_sizes(sizes, params):
+  g, i, j = sizes["G"], sizes["I"], sizes["J"]
+  assert params["w"].size == g * i * j, (params["w"].shape, sizes)
+  if "b" in params:
+    assert params["b"].size == g * j, (params["b"].shape, sizes)
+
+
+def _scale_sizes(sizes, params):
+  for k in ("scale", "offset"):
+    if k in params:
+      assert params[k].size == sizes["C"], (k, params[k].shape, sizes)
+
+
+def _gather_sizes(sizes, params):
+  v, d = params["embeddings"].shape
+  assert d == sizes["D"], (params["embeddings"].shape, sizes)
+  assert v <= 2 ** sizes["K"] < 2 * max(v, 1), (v, sizes)
+
+
+OP_LAYOUTS = {
+    "affine": ("MTGI", "BMTGJ", "f", _affine_sizes),
+    "scale": ("MTC", "BMTC", "f", _scale_sizes),
+    "gather": ("MTK", "BMTD", "b", _gather_sizes),
+}
+
+
+def _cases():
+  return [pytest.param(kind, ex, id=ex.name) for kind, exs in EXAMPLES.items()
+          for ex in exs]
+
+
+# ------------------------------------------------------------- helpers ---
+
+
+def _data(ex: Example, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  params = ex.params(rng)
+  return params, ex.primal(M1, rng), ex.primal(M2, rng)
+
+
+def _rest(ex: Example, params, x) -> tuple[int, ...]:
+  return jax.eval_shape(ex.apply, params, x).shape[1:]
+
+
+def _roles(op, params) -> list[tuple[bool, bool]]:
+  """``(with_weight, with_offset)`` combinations the example's parameters allow."""
+  assert op.roles[0] in params, (op.roles, sorted(params))
+  assert set(params) <= set(op.roles), (op.roles, sorted(params))
+  if op.roles[1] in params:
+    return [(True, False), (False, True), (True, True)]
+  return [(True, False)]
+
+
+def _cotangent_basis(m: int, rest: tuple[int, ...], dtype, shared: bool):
+  """Output cotangents ``[B, m, *rest]``: one slice per output of every row
+  (``shared``: per (row, output) pair, as for a batch that is one sample)."""
+  o = math.prod(rest)
+  if not shared:  # slice o seeds output o of every row
+    return jnp.broadcast_to(jnp.eye(o, dtype=dtype).reshape(o, 1, *rest), (o, m, *rest))
+  return jnp.eye(m * o, dtype=dtype).reshape(m * o, m, *rest)  # slice (n, o): row n only
+
+
+def canonical(rule, cfg, x, rest, dtype, shared: bool):
+  """``(x_c, g_c)`` as the op consumes them: ``x_c [Nx, T, ...]``, ``g_c [N, O, T, ...]``
+  (``shared``: ``Nx = 1``, rows folded into ``T``, as ``_capture._canonical`` does)."""
+  m, o = x.shape[0], math.prod(rest)
+  xc, gc = rule.canonicalize(cfg, x, _cotangent_basis(m, rest, dtype, shared))
+  if not shared:
+    return xc, jnp.swapaxes(gc, 0, 1)
+  t = xc.shape[1]
+  return (xc.reshape((1, m * t) + xc.shape[2:]),
+          gc.reshape((m, o, m * t) + gc.shape[3:]))
+
+
+def reference_jacobians(ex: Example, params, x) -> dict[str, np.ndarray]:
+  """``{role: [M, O, P_role]}``: ``jax.jacrev`` of ``apply`` per example."""
+  jac = jax.jit(jax.jacrev(ex.apply))(params, x)
+  m = x.shape[0]
+  return {k: np.asarray(v).reshape(m, -1, params[k].size) for k, v in jac.items()}
+
+
+def assert_same_columns(j_op: np.ndarray, j_ref: np.ndarray, what: str) -> None:
+  """``j_op [M, O, P]`` equals ``j_ref [M, O, P']`` up to the order of the last axis
+  and to columns that are identically zero (to ``TOL64`` relative)."""
+  assert j_op.shape[:2] == j_ref.shape[:2], (what, j_op.shape, j_ref.shape)
+  a = np.asarray(j_op, np.float64).reshape(-1, j_op.shape[-1]).T
+  b = np.asarray(j_ref, np.float64).reshape(-1, j_ref.shape[-1]).T
+  scale = max(np.max(np.abs(b)), 1e-300)
+  tol = TOL64 * scale
+  a = a[np.max(np.abs(a), axis=1) > tol]
+  b = b[np.max(np.abs(b), axis=1) > tol]
+  assert len(a) == len(b), (f"{what}: {len(a)} nonzero parameter columns from the op, "
+                            f"{len(b)} from jax.jacrev")
+  free = np.ones(len(b), bool)
+  for k, col in enumerate(a):
+    dist = np.max(np.abs(b - col), axis=1)
+    dist[~free] = np.inf
+    best = int(np.argmin(dist))
+    assert dist[best] <= tol, (f"{what}: column {k} of the op's Jacobian matches no "
+                               f"column of jax.jacrev (closest: {dist[best] / scale:.3e})")
+    free[best] = False
+
+
+# --------------------------------------------------------------- tests ---
+
+
+def test_every_kind_has_an_example():
+  missing = sorted(set(_rules._REGISTRY) - set(EXAMPLES))
+  assert not missing, (f"registered rule kinds without an example in "
+                       f"tests/test_rules.py EXAMPLES: {missing}")
+  stale = sorted(set(EXAMPLES) - set(_rules._REGISTRY))
+  assert not stale, f"EXAMPLES of kinds that are not registered: {stale}"
+
+
+def test_every_op_has_a_layout():
+  ops = {rule.op.name for rule in _rules._REGISTRY.values()}
+  missing = sorted(ops - set(OP_LAYOUTS))
+  assert not missing, f"ops without a documented layout in OP_LAYOUTS: {missing}"
+
+
+@pytest.mark.parametrize("kind, ex", _cases())
+def test_canonical_layout(kind, ex):
+  rule = _rules.get_rule(kind)
+  x_letters, g_letters, x_kind, check_sizes = OP_LAYOUTS[rule.op.name]
+  params, x, _ = _data(ex)
+  rest = _rest(ex, params, x)
+  o = math.prod(rest)
+  xc, gc = jax.jit(lambda x: rule.canonicalize(
+      ex.config, x, _cotangent_basis(M1, rest, jnp.float64, False)))(x)
+  assert xc.ndim == len(x_letters) and gc.ndim == len(g_letters), (xc.shape, gc.shape)
+  assert jnp.dtype(xc.dtype).kind == x_kind, xc.dtype
+  assert gc.dtype == jnp.float64
+  sizes: dict[str, int] = {}
+  for letters, shape in ((x_letters, xc.shape), (g_letters, gc.shape)):
+    for c, n in zip(letters, shape):
+      assert sizes.setdefault(c, n) == n, (f"axis {c}: {sizes[c]} in x_c, {n} in g_c "
+                                           f"({xc.shape}, {gc.shape})")
+  assert sizes["M"] == M1 and sizes["B"] == o, sizes
+  check_sizes(sizes, params)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
+@pytest.mark.parametrize("kind, ex", _cases())
+def test_jacobian_matches_jacrev(kind, ex, shared):
+  rule = _rules.get_rule(kind)
+  op = rule.op
+  params, x, _ = _data(ex)
+  rest = _rest(ex, params, x)
+  combos = _roles(op, params)
+
+  @jax.jit
+  def op_jacobians(x):
+    xc, gc = canonical(rule, ex.config, x, rest, jnp.float64, shared)
+    return [op.jacobian(xc, gc, w, b, "highest") for w, b in combos]
+
+  got = dict(zip(combos, op_jacobians(x)))
+  ref = reference_jacobians(ex, params, x)
+  weight, offset = op.roles
+  assert_same_columns(got[True, False], ref[weight], f"{ex.name} {weight}")
+  if (False, True) in got:
+    assert_same_columns(got[False, True], ref[offset], f"{ex.name} {offset}")
+    np.testing.assert_array_equal(
+        got[True, True], np.concatenate([got[True, False], got[False, True]], axis=-1),
+        err_msg="the Jacobian of both roles is the weight's, then the offset's")
+
+
+SPECS = {  # (trace_axes, diagonal_axes, same batch on both sides)
+    "plain": ((), (), False),
+    "trace_last": ((-1,), (), False),
+    "diagonal_batch": ((), (0,), True),
+    "trace_batch": ((0,), (), True),
+}
+
+
+@pytest.mark.parametrize("kind, ex", _cases())
+def test_activation_kernel_matches_jacobian_kernel(kind, ex):
+  rule = _rules.get_rule(kind)
+  op = rule.op
+  if op.activation_kernel is None:
+    pytest.skip(f"op {op.name!r} has only the Jacobian route")
+  params, x1, x2 = _data(ex)
+  rest = _rest(ex, params, x1)
+  combos = _roles(op, params)
+
+  @jax.jit
+  def both_routes(x1, x2):
+    out = {}
+    for shared in (False, True):
+      for spec_name, (trace, diag, same) in SPECS.items():
+        xb = x1 if same else x2
+        spec = OutputSpec.create((x1.shape[0], *rest), (xb.shape[0], *rest), trace, diag)
+        f1 = canonical(rule, ex.config, x1, rest, jnp.float64, shared)
+        f2 = canonical(rule, ex.config, xb, rest, jnp.float64, shared)
+        for w, b in combos:
+          act = op.activation_kernel(spec, *f1, *f2, w, b)
+          jac = jacobian_kernel(spec, op.jacobian(*f1, w, b, "highest"),
+                                op.jacobian(*f2, w, b, "highest"))
+          out[shared, spec_name, w, b] = (act, jac)
+    return out
+
+  for key, (act, jac) in both_routes(x1, x2).items():
+    assert act.shape == jac.shape, (key, act.shape, jac.shape)
+    err = float(np.max(np.abs(np.asarray(act) - np.asarray(jac))) / np.max(np.abs(jac)))
+    assert err <= TOL64, f"{ex.name} {key}: activation vs Jacobian route, rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("kind, ex", _cases())
+def test_unsupported_and_flops(kind, ex):
+  rule = _rules.get_rule(kind)
+  params, x, _ = _data(ex)
+  y_shape = jax.eval_shape(ex.apply, params, x).shape
+  assert rule.unsupported(ex.config, tuple(x.shape)) is None
+  flops = rule.flops(ex.config, tuple(x.shape), tuple(y_shape))
+  assert np.isfinite(flops) and flops > 0, flops
+  assert rule.roles == rule.op.roles
+
+
+# ------------------------------------------------------- registry guards ---
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+  """A copy of the rule registry for the duration of one test."""
+  monkeypatch.setattr(_rules, "_REGISTRY", dict(_rules._REGISTRY))
+  return _rules._REGISTRY
+
+
+def test_register_existing_kind_raises(scratch_registry):
+  for kind, rule in list(scratch_registry.items()):
+    with pytest.raises(ValueError, match="already registered"):
+      ntklayers.register_rule(kind, rule)
+    assert scratch_registry[kind] is rule
+
+
+def test_register_non_rule_raises(scratch_registry):
+  dense = _rules.get_rule("dense")
+  with pytest.raises(TypeError, match="must be a Rule"):
+    ntklayers.register_rule("not_a_rule", object())
+  with pytest.raises(TypeError, match="must be a Rule"):
+    ntklayers.register_rule("not_a_rule", dense.op)  # an Op is not a Rule
+  with pytest.raises(TypeError, match="must be a Rule over an Op"):
+    ntklayers.register_rule("not_an_op", dataclasses.replace(dense, op="affine"))
+  assert "not_a_rule" not in scratch_registry and "not_an_op" not in scratch_registry
+
+
+def test_register_new_kind(scratch_registry):
+  """A new kind becomes visible to ``get_rule`` (in the scratch registry only)."""
+  dense = _rules.get_rule("dense")
+  ntklayers.register_rule("dense_copy", dense)
+  assert _rules.get_rule("dense_copy") is dense
+  assert _rules.get_rule("no_such_kind") is None
