@@ -55,7 +55,8 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = lambda s: No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", default="mlp", choices=("mlp", "cnn", "transformer"),
+  parser.add_argument("--model", default="mlp",
+                      choices=("mlp", "cnn", "transformer", "scanned_transformer"),
                       help="built-in Haiku model (default mlp: depth 4, width 512, N=32)")
   parser.add_argument("--n", type=int, default=None,
                       help="batch size N (default: the model's, 32 / 16 / 16)")

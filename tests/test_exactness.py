@@ -111,8 +111,14 @@ def kernel(model, *, same: bool = False, dtype=jnp.float64, **options):
 # in the slow suite only; their plain kernels (every implementation, in
 # test_registry), the batch axis on every rank and the fuzzer cover them in the
 # default suite.
-OPTIONS = models.model_params(models.MODELS) + models.model_params(models.CLASS_MODELS,
-                                                                   slow=True)
+# Models whose option checks compile for many seconds (scans of attention blocks,
+# 3-D and strided convolutions) also run them in the slow suite only.
+_HEAVY_OPTIONS = {"scanned_blocks", "layer_stack", "scan_rnn", "conv3d", "cnn2d",
+                  "cross_attention_mask"}
+OPTIONS = (models.model_params([m for m in models.MODELS if m.name not in _HEAVY_OPTIONS])
+           + models.model_params([m for m in models.MODELS if m.name in _HEAVY_OPTIONS],
+                                 slow=True)
+           + models.model_params(models.CLASS_MODELS, slow=True))
 
 
 # -------------------------------------------------------- reference self-checks ---

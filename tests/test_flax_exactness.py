@@ -59,7 +59,11 @@ def _params(models=MODELS, slow=lambda m: m.slow):
   return out
 
 
-ALL = _params()
+# Layerwise blocks of the scanned attention stack and the normalization zoo compile
+# for many seconds: slow suite only (their full kernels run in test_registry).
+_HEAVY_LAYERWISE = {"linen_scanned_blocks", "linen_norms_dropin", "linen_norms_dropin_train",
+                    "nnx_norms_dropin", "nnx_norms_dropin_train"}
+ALL = _params(slow=lambda m: m.slow or m.name in _HEAVY_LAYERWISE)
 OPTIONS = _params(slow=lambda m: m.slow or m.name not in FAST_OPTIONS)
 
 
