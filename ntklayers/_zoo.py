@@ -94,13 +94,7 @@ def transformer(n: int = 16, t: int = 16, d: int = 64, heads: int = 4,
   """(c) Pre-LN transformer block (attention + MLP, residuals), mean-pooled."""
 
   def fn(x):
-    init = hk.initializers.VarianceScaling(1.0)
-    h = nh.LayerNorm(axis=-1, create_scale=True, create_offset=True)(x)
-    x = x + nh.MultiHeadAttention(num_heads=heads, key_size=d // heads,
-                                  w_init=init)(h, h, h)
-    h = nh.LayerNorm(axis=-1, create_scale=True, create_offset=True)(x)
-    h = jax.nn.gelu(ntklayers.Linear(4 * d)(h))
-    x = x + ntklayers.Linear(d)(h)
+    x = _haiku_block(d, heads)(x)
     return ntklayers.Linear(n_out)(x.mean(axis=1))
 
   return _build("transformer", f"Transformer block (LN+MHA {heads} heads+MLP), D={d}, "

@@ -317,11 +317,11 @@ def _haiku_strict_exception():
   return jax.numpy_dtype_promotion("standard")
 
 
-def _batchnorm_build(is_training: bool):
+def _batchnorm_build(is_training: bool, net_fn=_bn_net):
   x_shape = (5,)
 
   def build(dtype) -> Built:
-    net = hk.without_apply_rng(hk.transform_with_state(_bn_net))
+    net = hk.without_apply_rng(hk.transform_with_state(net_fn))
     x1, x2 = make_inputs(x_shape, dtype)
     with _haiku_strict_exception():
       # Random moving averages (as after some training), not Haiku's zeros.
@@ -370,23 +370,7 @@ def _bn_dropin_net(x, is_training: bool):
 
 def _bn_dropin_build(is_training: bool):
   """As ``_batchnorm_build`` with the drop-in ``nh.BatchNorm``."""
-  x_shape = (5,)
-
-  def build(dtype) -> Built:
-    net = hk.without_apply_rng(hk.transform_with_state(_bn_dropin_net))
-    x1, x2 = make_inputs(x_shape, dtype)
-    with _haiku_strict_exception():
-      params, state = init_params(functools.partial(net.init, is_training=True), dtype, x1)
-
-    def f(params, x):
-      ctx = _haiku_strict_exception() if is_training else contextlib.nullcontext()
-      with ctx:
-        out, _ = net.apply(params, state, x, is_training)
-      return out
-
-    return Built(f, params, x1, x2)
-
-  return build
+  return _batchnorm_build(is_training, _bn_dropin_net)
 
 
 # -------------------------------------------------------------- registry ---
