@@ -91,20 +91,22 @@ def reference(model: models.ModelDescriptor) -> np.ndarray:
   return apply_axes(full_kernel(j1, j2), j1.ndim - 1)
 
 
-# The generic whole-model implementations do not depend on the layers, so the
-# default suite runs them on these representatives only (every model in the slow
-# suite, and random models in test_fuzz); "auto" and "structured" run on all.
+# The generic whole-model implementations do not depend on the layers, and
+# "structured" differs from "auto" only in the route of fallback parameters, so the
+# default suite runs those three on these representatives only (every model in the
+# slow suite, and random models in test_fuzz); "auto" runs on all.
 GENERIC_DEFAULT = frozenset({
     "mlp_relu", "mlp_mixed_hk_linear", "batchnorm_train", "embed_tokens", "weight_shared",
     "scan_rnn", "linen_mlp", "linen_mixed_plain", "linen_batchnorm_train", "nnx_mlp",
-    "nnx_mixed_plain", "nnx_batchnorm_train"})
+    "nnx_mixed_plain", "nnx_batchnorm_train", "c1_tied_params_dict", "layernorm_variants",
+    "cross_attention_mask"})
 
 
 def _params():
   out = []
   for m in REGISTRY:
     for impl in IMPLEMENTATIONS:
-      generic = impl in ("ntk_vp", "jacobian") and m.name not in GENERIC_DEFAULT
+      generic = impl != "auto" and m.name not in GENERIC_DEFAULT
       slow = m.slow or generic or impl in HEAVY.get(m.name, ())
       out.append(pytest.param(m, impl, id=f"{m.name}-{impl}",
                               marks=[pytest.mark.slow] if slow else []))
