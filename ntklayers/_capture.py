@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntklayers import _checks, _jax_compat, _replay, _session
+from ntklayers import _checks, _replay, _session
 from ntklayers._discovery import Traced, discover, outside
 from ntklayers._options import Options
 from ntklayers._fallback import check_jacobians, choose, jacobians
@@ -258,20 +258,15 @@ def capture_with(setup: Setup, params: Any, x: Any, mode: str | None = None) -> 
 
 
 def _traced_for(setup: Setup, params: Any, x: Any) -> Traced:
-  """The traced program of ``x``'s batch: from discovery when it was traced in this
-  same computation on the same shapes, else traced again."""
+  """The traced program of ``x``'s batch: the one discovery traced on the same
+  shapes (a ``Setup`` is only used inside the computation that prepared it, so
+  its programs' constants belong to the current trace), else traced again."""
   avals = [(a.shape, a.dtype) for a in jax.tree.leaves(x)]
   for t in setup.traced:
     invars = t.jaxpr.jaxpr.invars[t.n_params:]
-    if [(tuple(v.aval.shape), v.aval.dtype) for v in invars] == avals and not any(
-        _stale(c) for c in t.jaxpr.consts):
+    if [(tuple(v.aval.shape), v.aval.dtype) for v in invars] == avals:
       return t
   return discover(setup.f, params, x, setup.interceptors or _session.interceptors())
-
-
-def _stale(const: Any) -> bool:
-  """A constant of a traced program that may belong to another (finished) trace."""
-  return _jax_compat.is_tracer(const)
 
 
 def recapture_coupled(cache: Factors) -> Factors:
