@@ -14,6 +14,10 @@ from ntklayers import metrics
 from ntklayers._api import ntk
 from ntklayers._api import ntk_fn
 from ntklayers._api import summed_logits
+from ntklayers._blocked import ntk_blocked
+from ntklayers._blocked import ntk_trace
+from ntklayers._blocked_exec import InteractingExamplesError
+from ntklayers._budget import MemoryBudgetError
 from ntklayers._contract import contract
 from ntklayers._capture import Factors
 from ntklayers._capture import capture
@@ -36,6 +40,8 @@ __all__ = (
     "DenseConfig",
     "EmbedConfig",
     "Factors",
+    "InteractingExamplesError",
+    "MemoryBudgetError",
     "Linear",
     "Rule",
     "ScaleConfig",
@@ -48,7 +54,9 @@ __all__ = (
     "init",
     "metrics",
     "ntk",
+    "ntk_blocked",
     "ntk_fn",
+    "ntk_trace",
     "register_rule",
     "summed_logits",
     "tap",

@@ -155,7 +155,8 @@ def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options) -> Kern
   xs = (x1,) if x2 is None else (x1, x2)
   with collecting_notes() as notes:
     setup = prepare(f, params, xs, implementation=options.implementation,
-                    trainable=options.mask, independent_samples=options.independent_samples)
+                    trainable=options.mask, independent_samples=options.independent_samples,
+                    diagonal_batch=options.diagonal_batch)
   c1 = capture_with(setup, params, x1)
   c2 = None if x2 is None else capture_with(setup, params, x2)
   result = contract_unchecked(c1, c2, options)

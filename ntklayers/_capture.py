@@ -140,12 +140,14 @@ def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
 
 
 def prepare(f: Callable, params: Any, xs: tuple, *, implementation: str, trainable: Any,
-            independent_samples: bool | None) -> Setup:
+            independent_samples: bool | None, diagonal_batch: bool = False) -> Setup:
   """Discovers the layers of ``f`` on every batch in ``xs`` and makes one plan.
 
   Calls that cannot be captured on one batch are not captured on any, so both
   sides of a kernel share the plan. The dependency analysis is repeated (without
   tracing again) until the captured calls are exactly those it assumed.
+  ``diagonal_batch`` (per-example kernels requested) enters the choice of the
+  fallback route under ``"auto"``.
   """
   _checks.check_params(params)
   for k, x in enumerate(xs):
@@ -185,7 +187,8 @@ def prepare(f: Callable, params: Any, xs: tuple, *, implementation: str, trainab
     leaves = jax.tree.leaves(params)
     n_fb = sum(leaves[i].size for g in plan.fallback for i in g.leaves)
     itemsize = jnp.dtype(out_dtype).itemsize
-    method = choose(n, n_out, n_fb, itemsize, forward_flops(plan.records, params))
+    method = choose(n, n_out, n_fb, itemsize, forward_flops(plan.records, params),
+                    diagonal=diagonal_batch)
   check_layers = bool(plan.groups)
   if mode == _replay.CHECKED and check_layers:
     # A static proof that rows stay apart makes the runtime check unnecessary.

@@ -195,3 +195,13 @@ def unwrap_jit(f: Callable) -> Callable:
   while callable(getattr(f, "lower", None)) and callable(getattr(f, "__wrapped__", None)):
     f = f.__wrapped__  # type: ignore[attr-defined]
   return f
+
+
+def shard_map(f: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callable:
+  """``jax.shard_map`` (``jax.experimental.shard_map`` before JAX 0.7), with the
+  replication check off (the structure tag has no replication rule)."""
+  sm = getattr(jax, "shard_map", None)
+  if sm is not None:
+    return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  from jax.experimental.shard_map import shard_map as old  # pylint: disable=g-import-not-at-top
+  return old(f, mesh, in_specs, out_specs, check_rep=False)

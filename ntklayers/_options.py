@@ -119,6 +119,11 @@ class Options:
                independent_samples, _precision(precision))
 
   @property
+  def diagonal_batch(self) -> bool:
+    """Whether only per-example kernels are requested (``0`` in ``diagonal_axes``)."""
+    return 0 in self.diagonal_axes
+
+  @property
   def mask(self) -> Any:
     """The ``trainable`` mask as given."""
     return self.trainable.value
