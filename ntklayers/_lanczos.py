@@ -4,9 +4,11 @@
 For kernels too large to form, the kernel ``Θ = J Jᵀ`` of a batch (``J`` the
 Jacobian of the flattened outputs ``[N·O]`` with respect to the parameters) is
 never formed: each Lanczos step applies ``v ↦ J (Jᵀ v)``, one VJP and one JVP
-through the model on the whole batch, so the operator is exact even when
-examples interact (batch statistics).
-Memory is ``O(num_iters · N·O)`` plus one linearization of the model.
+through the model (:func:`ntklayers._matvec.ntk_matvec`). By default the whole
+batch is linearized once, so the operator is exact even when examples interact
+(batch statistics); memory is ``O(num_iters · N·O)`` plus one linearization of
+the model. With ``block_size=b`` the products run over tiles of ``b`` examples:
+``O(num_iters · N·O)`` plus ``O(b)`` activations.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntklayers._plan import resolve_trainable
+# Also re-exported from here (`ntklayers._lanczos.ntk_matvec`, `metrics.ntk_matvec`).
+from ntklayers._matvec import ntk_matvec
 
 
 @jax.custom_jvp
@@ -125,43 +128,10 @@ def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
   return theta
 
 
-def ntk_matvec(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
-               trainable: Any = None) -> tuple[Callable[[jax.Array], jax.Array], int, Any]:
-  """``(matvec, dim, dtype)`` with ``matvec(v) = J (Jᵀ v)`` on flattened outputs.
-
-  ``J`` is the Jacobian of ``f(params, x).ravel()`` (row ``n·O + o``) with respect
-  to the leaves of ``params`` selected by ``trainable``; frozen leaves are closed
-  over (zero tangents). The model is linearized once; each matvec is one
-  transposed and one forward linear pass.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  mask = resolve_trainable(trainable, params)
-  if not any(mask):
-    raise ValueError("No trainable parameters: every leaf of `params` is masked out "
-                     "by `trainable`.")
-  train = [leaf for leaf, m in zip(leaves, mask) if m]
-
-  def f_train(train_leaves):
-    it = iter(train_leaves)
-    merged = [next(it) if m else leaf for leaf, m in zip(leaves, mask)]
-    return f(jax.tree.unflatten(treedef, merged), x)
-
-  out, f_jvp = jax.linearize(f_train, train)
-  if not isinstance(out, jax.Array) or out.ndim < 1:
-    raise ValueError(f"`f(params, x)` must return one array [N, ...], got "
-                     f"{jax.tree.map(jnp.shape, out)}.")
-  f_vjp = jax.linear_transpose(f_jvp, train)
-
-  def matvec(v):
-    (g,) = f_vjp(v.reshape(out.shape).astype(out.dtype))
-    return f_jvp(g).ravel()
-
-  return matvec, out.size, out.dtype
-
-
 def lambda_max_matrix_free(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
                            num_iters: int = 32, key: jax.Array | None = None,
-                           trainable: Any = None, return_bound: bool = False) -> Any:
+                           trainable: Any = None, return_bound: bool = False,
+                           block_size: int | None = None) -> Any:
   """``λmax`` of the NTK of ``f`` on the batch ``x`` without forming the kernel.
 
   Lanczos (:func:`lanczos_lambda_max`) on ``v ↦ J (Jᵀ v)`` in the space of
@@ -182,6 +152,10 @@ def lambda_max_matrix_free(f: Callable[[Any, Any], jax.Array], params: Any, x: A
       ``params``, or a callable returning one); frozen leaves are excluded.
     return_bound: also return the Ritz residual norm (see
       :func:`lanczos_lambda_max`).
+    block_size: ``None`` (one linearization of the whole batch) or ``b``: each
+      matvec runs over tiles of ``b`` examples, so memory holds ``O(b)``
+      activations instead of ``O(N)``; requires examples to be independent (see
+      :func:`ntk_matvec`).
 
   Returns:
     Scalar ``λmax`` in the output dtype, or ``(λmax, residual)``.
@@ -196,6 +170,7 @@ def lambda_max_matrix_free(f: Callable[[Any, Any], jax.Array], params: Any, x: A
     >>> bool(jnp.isclose(lam, nm.lambda_max(K), rtol=1e-4))
     True
   """
-  matvec, dim, dtype = ntk_matvec(f, params, x, trainable=trainable)
+  matvec, dim, dtype = ntk_matvec(f, params, x, block_size=block_size,
+                                  trainable=trainable)
   return lanczos_lambda_max(matvec, dim, num_iters=num_iters, key=key, dtype=dtype,
                             return_bound=return_bound)
