@@ -202,9 +202,8 @@ def _run(req: Request, progs: Programs, kind: str, spec: OutputSpec, params: Any
   else:
     side1 = _replicated(tiles1, mesh)
     side2 = None if tiles2 is None else _replicated(tiles2, mesh)
-  perm = T.mirror_axes(spec)
-  finite = True
   gather = isinstance(store, _store.MemoryStore)
+  nonfinite = False
   with _bar(len(todo), progress) as bar:
     for diagonal, chunk in _rounds(todo, d):
       pairs = chunk + [chunk[-1]] * (d - len(chunk))  # pad the last round
@@ -212,21 +211,23 @@ def _run(req: Request, progs: Programs, kind: str, spec: OutputSpec, params: Any
       j = put(np.array([p[1] for p in pairs], np.int32), mesh, P("d"))
       res = progs.rounds[diagonal](params_g, side1, side2, peer1, i, j, dyn_g)
       _notes(res.notes, warned)
-      if not bool(res.ok):
+      blocks, finite = res.value
+      if not bool(res.ok.all()):
         raise _row_check_failed()
-      for k, block in _blocks(res.value, gather):
+      nonfinite = nonfinite or not bool(finite.all())
+      for k, block in _blocks(blocks, gather):
         if k >= len(chunk):
           continue
         a, b = pairs[k]
-        block = T.trim(kind, t1, t2, a, b, block)
-        finite = finite and bool(np.isfinite(block).all())
-        store.write(T.block_slices(kind, t1, t2, a, b), block)
-        if kind == T.UPPER and a != b:
-          store.write(T.block_slices(kind, t1, t2, b, a), np.transpose(block, perm))
+        mirror = kind == T.UPPER and not diagonal
+        store.write(T.block_slices(kind, t1, t2, a, b),
+                    T.trim(kind, t1, t2, a, b, block[0] if mirror else block))
+        if mirror:
+          store.write(T.block_slices(kind, t1, t2, b, a), T.trim(kind, t2, t1, b, a, block[1]))
         store.finish((a, b))
       if bar is not None:
         bar.update(len(chunk))
-  if not finite:
+  if nonfinite:
     warnings.warn("ntklayers: the kernel contains NaN or inf values (check the model's "
                   "outputs and parameters).", RuntimeWarning, stacklevel=3)
 

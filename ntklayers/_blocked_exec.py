@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -34,6 +35,7 @@ from ntklayers._capture import Factors, capture_with, prepare
 from ntklayers._contract import _contract
 from ntklayers._options import Options, StaticKwargs
 from ntklayers._plan import collecting_notes
+from ntklayers._tiles import mirror_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +124,19 @@ capture_tiles_jit = jax.jit(capture_tiles, static_argnums=0)
 def contract_round(req: Request, diagonal: bool, cached: bool, params: Any, side1: Any,
                    side2: Any, peer: Any, index1: jax.Array, index2: jax.Array,
                    dynamic: list):
-  """``KernelResult(blocks [D, ...], verified, notes)``: block ``k`` is the kernel
-  of tile ``index1[k]`` of side 1 and tile ``index2[k]`` of side 2.
+  """``KernelResult((blocks [D, ...], finite [D]), ok [D], notes)``: block ``k``
+  is the kernel of tile ``index1[k]`` of side 1 and tile ``index2[k]`` of side 2;
+  ``ok`` says that the row checks of its captures passed (always, with cached
+  factors: those were checked when captured), ``finite`` that it has no NaN or inf.
 
   ``side1``/``side2`` are cached factor stacks (``cached``) or input tiles
   ``[T, b, ...]``; ``side2`` is ``None`` when ``x2`` is ``x1``. ``diagonal``
-  rounds contract a tile with itself (the symmetric product) when ``req.same``.
+  rounds contract a tile with itself (the symmetric product) when ``req.same``;
+  other rounds of ``x2 = x1`` also return each block's mirror image (block
+  ``(j, i)``), transposed on the device: ``blocks [D, 2, ...]``.
   """
   sym = diagonal and req.same
+  mirror = req.same and not diagonal
   with collecting_notes() as notes:
     def body(params, s1, s2, peer, i, j, dynamic):
       f = req.model(dynamic)
@@ -141,7 +148,7 @@ def contract_round(req: Request, diagonal: bool, cached: bool, params: Any, side
       if cached:
         c1 = pick(s1, i)
         c2 = c1 if sym else pick(s2, j)
-        ok = jax.numpy.asarray(True)
+        ok = jnp.asarray(True)
       else:
         c1, ok = _capture_one(req, params, pick(s1, i), peer, dynamic)
         if sym:
@@ -154,13 +161,17 @@ def contract_round(req: Request, diagonal: bool, cached: bool, params: Any, side
       o = req.options
       spec = OutputSpec.create(c1.meta.out_shape, c2.meta.out_shape, o.trace_axes,
                                o.diagonal_axes, o.precision)
-      return _contract(spec, c1, c2, sym, False)[None], ok[None]
+      k = _contract(spec, c1, c2, sym, False)
+      finite = jnp.all(jnp.isfinite(k))
+      if mirror:
+        k = jnp.stack([k, jnp.transpose(k, mirror_axes(spec))])
+      return k[None], finite[None], ok[None]
 
     shard = _jax_compat.shard_map(
         body, req.mesh, in_specs=(P(), P(), P(), P(), P("d"), P("d"), P()),
-        out_specs=(P("d"), P("d")))
-    blocks, ok = shard(params, side1, side2, peer, index1, index2, dynamic)
-  return KernelResult(blocks, ok.all(), tuple(notes))
+        out_specs=(P("d"), P("d"), P("d")))
+    blocks, finite, ok = shard(params, side1, side2, peer, index1, index2, dynamic)
+  return KernelResult((blocks, finite), ok, tuple(notes))
 
 
 contract_round_jit = jax.jit(contract_round, static_argnums=(0, 1, 2))
