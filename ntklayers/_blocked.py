@@ -4,6 +4,7 @@ budget, out of core and resumable, over every device and process, with progress.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +17,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ntklayers import _budget, _checks, _store
 from ntklayers import _tiles as T
 from ntklayers._axes import OutputSpec
-from ntklayers._blocked_exec import (InteractingExamplesError, Request, make_mesh, put)
+from ntklayers._blocked_exec import (InteractingExamplesError, Request, make_mesh, put,
+                                     rows_proven)
+from ntklayers._independence import check_tiling
 from ntklayers._blocked_plan import Programs, padded_count, plan
 from ntklayers._options import Options, split_kwargs
 from ntklayers._plan import emit_note
@@ -128,6 +131,9 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
                kind=kind, output_bytes=output_bytes, block_bytes=block_bytes,
                out_given=path is not None)
 
+  if options.independent_samples is not True:
+    _check_independent(req, params, x1, x2, dynamic, progs.block_size)
+
   request = {
       "block_size": progs.block_size,
       "params": _store.digest(params),
@@ -136,7 +142,7 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
       "options": repr((options.trace_axes, options.diagonal_axes, options.implementation,
                        options.independent_samples, options.precision,
                        _mask_key(options, params))),
-      "model": f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}",
+      "model": _model_digest(req, params, first, dynamic),
   }
   if path is None:
     store: Any = _store.MemoryStore(shape, dtype)
@@ -157,6 +163,31 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
       store.close()
   _barrier("ntk_blocked: done")
   return store.result()
+
+
+def _check_independent(req: Request, params: Any, x1: Any, x2: Any, dynamic: list,
+                       b: int) -> None:
+  """Refuses tiles unless examples are proven (statically) or checked (two tilings
+  agree on ``J^T u``) not to interact."""
+  for x in (x1,) if x2 is None else (x1, x2):
+    n = jax.tree.leaves(x)[0].shape[0]
+    if n <= b:
+      continue
+    tile = jax.tree.map(lambda a: a[:b], x)
+    if rows_proven(req, params, (tile,), dynamic):
+      continue
+    if not check_tiling(req.model(dynamic), params, x, b):
+      raise InteractingExamplesError(
+          f"ntk_blocked: the model's examples interact (its parameter Jacobian on a "
+          f"tile of {b} examples differs from that on a tile of {b + 1}: e.g. a batch "
+          f"mean, a roll over the batch, or batch-size dependence), so the kernel "
+          f"cannot be cut into blocks; compute it with ntklayers.ntk_fn.")
+
+
+def _model_digest(req: Request, params: Any, x: Any, dynamic: list) -> str:
+  """A digest of the model's program (its jaxpr on one example)."""
+  jaxpr = jax.make_jaxpr(lambda p, z, d: req.model(d)(p, z))(params, x, dynamic)
+  return hashlib.sha256(str(jaxpr).encode()).hexdigest()[:32]
 
 
 def _mask_key(options: Options, params: Any) -> tuple:

@@ -96,7 +96,30 @@ def _capture_one(req: Request, params: Any, tile: Any, peer: Any, dynamic: list)
   if setup.mode == _replay.COUPLED:
     raise _interacting()
   c = capture_with(setup, params, tile)
-  return dataclasses.replace(c, params=None, verified=None), c.verified
+  # NaN or inf factors fail the row checks; they are not interaction: the kernel
+  # carries them and warns.
+  ok = c.verified | ~_finite((c.layers, c.fallback_jacobians))
+  return dataclasses.replace(c, params=None, verified=None), ok
+
+
+def rows_proven(req: Request, params: Any, xs: tuple, dynamic: list) -> bool:
+  """Whether output rows are provably functions of their own examples only
+  (``_rowproof`` on the traced model; refuses models declared coupled)."""
+  from ntklayers._capture import _active  # pylint: disable=g-import-not-at-top
+  options = req.options
+  setup = prepare(req.model(dynamic), params, xs, implementation=options.implementation,
+                  trainable=options.mask, independent_samples=options.independent_samples,
+                  diagonal_batch=options.diagonal_batch)
+  if setup.mode == _replay.COUPLED:
+    raise _interacting()
+  return all(_replay.rows_proven(t, params, x, _active(setup.plan, t))
+             for t, x in zip(setup.traced, xs))
+
+
+def _finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)
+            if jnp.issubdtype(a.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _with_model(c: Factors, params: Any, f: Callable) -> Factors:

@@ -43,13 +43,17 @@ class Programs:
 
 def _sds(tree: Any, sharding: Any, lead: tuple[int, ...] = ()) -> Any:
   return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(lead + tuple(np.shape(a)), np.result_type(a),
+      lambda a: jax.ShapeDtypeStruct(lead + tuple(np.shape(a)), _dtype(a),
                                      sharding=sharding), tree)
+
+
+def _dtype(a: Any) -> Any:
+  return a.dtype if hasattr(a, "dtype") else np.result_type(a)
 
 
 def _tiles_sds(x: Any, tiles: Tiles, count: int, sharding: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-      (count, tiles.size) + tuple(np.shape(a)[1:]), np.result_type(a), sharding=sharding), x)
+      (count, tiles.size) + tuple(np.shape(a)[1:]), _dtype(a), sharding=sharding), x)
 
 
 def _nbytes(tree: Any) -> int:

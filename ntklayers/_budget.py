@@ -48,7 +48,7 @@ def parse_memory(value: int | float | str, name: str = "max_memory") -> int:
                     f"got {type(value).__name__}.")
   if not nbytes > 0:
     raise ValueError(f"`{name}` must be positive, got {value!r}.")
-  return int(nbytes)
+  return int(min(nbytes, 2.0 ** 62))  # inf: no limit
 
 
 def host_available() -> int | None:

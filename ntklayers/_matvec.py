@@ -140,27 +140,13 @@ def _check_independent(f: Callable[..., jax.Array], params: Any, x: Any, b: int)
   if discover(f, params, jax.tree.map(lambda a: a[:b], x), _session.interceptors()).coupled:
     why = "a layer declares its examples coupled (e.g. BatchNorm with batch statistics)"
   elif not any(_jax_compat.is_tracer(a) for a in jax.tree.leaves((params, x))):
-    m = n - n % b  # whole tiles only
-    order = np.roll(np.arange(n), max(1, b // 2))[:m]
-    tiled = jax.jit(lambda p, z: _tiled(f, p, z, b))
-    y1 = np.asarray(tiled(params, jax.tree.map(lambda a: np.asarray(a)[:m], x)))
-    y2 = np.asarray(tiled(params, jax.tree.map(lambda a: np.asarray(a)[order], x)))
-    both = order < m  # examples present in both tilings
-    tol = 1e-4 if y1.dtype.itemsize <= 4 else 1e-9
-    scale = max(float(np.abs(y1).max()), 1e-30)
-    if not np.allclose(y1[order[both]], y2[both], rtol=0, atol=tol * scale):
-      why = "the model's outputs change with how the batch is cut into tiles"
+    from ntklayers._independence import check_tiling  # pylint: disable=g-import-not-at-top
+    if not check_tiling(f, params, x, b):
+      why = "the model's parameter Jacobian changes with how the batch is cut into tiles"
   if why is not None:
     raise InteractingExamplesError(
         f"ntk_matvec with `block_size`={b}: {why}, so per-tile products would not be "
         f"the NTK's. Use block_size=None (exact for interacting examples).")
-
-
-def _tiled(f: Callable[..., jax.Array], params: Any, x: Any, b: int) -> jax.Array:
-  """``f`` on consecutive tiles of ``b`` examples (``N`` a multiple of ``b``)."""
-  tiles = jax.tree.map(lambda a: a.reshape((-1, b) + a.shape[1:]), x)
-  out = jax.lax.map(lambda t: f(params, t), tiles)
-  return out.reshape((-1,) + out.shape[2:])
 
 
 def _linearized(f_train: Callable[..., jax.Array], train: list[jax.Array],

@@ -111,17 +111,21 @@ class NpyStore:
     recorded = read_request(self.path)
     if recorded is not None:
       self.check(recorded)
+      if not os.path.exists(self.path):  # killed between the sidecar and the file
+        for log in glob.glob(glob.escape(self.path) + ".ntk.p*.log"):
+          os.remove(log)
+        np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
     elif os.path.exists(self.path):
       raise FileExistsError(
           f"`out`={self.path!r} exists but has no progress file {sidecar(self.path)!r}: it "
           f"was not written by ntk_blocked (or its progress file was deleted). Remove it "
           f"or choose another path.")
-    else:
-      np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
+    else:  # the sidecar first: a file without one is never ours
       tmp = sidecar(self.path) + ".tmp"
       with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(self.request, fh, indent=1, sort_keys=True)
       os.replace(tmp, sidecar(self.path))
+      np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
 
   def check(self, recorded: dict) -> None:
     differ = sorted(k for k in set(recorded) | set(self.request)
@@ -145,7 +149,13 @@ class NpyStore:
       else:
         np.lib.format.read_array_header_2_0(fh)
       self._offset = fh.tell()
-    self._log = open(f"{self.path}.ntk.p{self.process}.log", "a", encoding="ascii")
+    log = f"{self.path}.ntk.p{self.process}.log"
+    if os.path.exists(log):  # drop a torn last line (killed mid-write)
+      with open(log, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+          fh.truncate(data.rfind(b"\n") + 1)
+    self._log = open(log, "a", encoding="ascii")
 
   def _finished(self) -> Iterable[tuple[int, int]]:
     for name in glob.glob(glob.escape(self.path) + ".ntk.p*.log"):
