@@ -234,28 +234,34 @@ def _run(req: Request, progs: Programs, kind: str, spec: OutputSpec, params: Any
     side1 = _replicated(tiles1, mesh)
     side2 = None if tiles2 is None else _replicated(tiles2, mesh)
   gather = isinstance(store, _store.MemoryStore)
+  perm = T.mirror_axes(spec)
   nonfinite = False
+
+  def launch(diagonal: bool, chunk: list):
+    pairs = chunk + [chunk[-1]] * (d - len(chunk))  # pad the last round
+    i = put(np.array([p[0] for p in pairs], np.int32), mesh, P("d"))
+    j = put(np.array([p[1] for p in pairs], np.int32), mesh, P("d"))
+    return diagonal, chunk, progs.rounds[diagonal](params_g, side1, side2, peer1, i, j, dyn_g)
+
+  def finish(diagonal: bool, chunk: list, res: Any) -> bool:
+    blocks, finite = res.value
+    _notes(res.notes, warned)
+    if not bool(res.ok.all()):
+      raise _row_check_failed()
+    for k, block in _blocks(blocks, gather):
+      if k >= len(chunk):
+        continue
+      a, b = chunk[k]
+      block = T.trim(kind, t1, t2, a, b, block)
+      store.write(T.block_slices(kind, t1, t2, a, b), block)
+      if kind == T.UPPER and not diagonal:
+        store.write(T.block_slices(kind, t1, t2, b, a), np.transpose(block, perm))
+      store.finish((a, b))
+    return not bool(finite.all())
+
   with _bar(len(todo), progress) as bar:
     for diagonal, chunk in _rounds(todo, d):
-      pairs = chunk + [chunk[-1]] * (d - len(chunk))  # pad the last round
-      i = put(np.array([p[0] for p in pairs], np.int32), mesh, P("d"))
-      j = put(np.array([p[1] for p in pairs], np.int32), mesh, P("d"))
-      res = progs.rounds[diagonal](params_g, side1, side2, peer1, i, j, dyn_g)
-      _notes(res.notes, warned)
-      blocks, finite = res.value
-      if not bool(res.ok.all()):
-        raise _row_check_failed()
-      nonfinite = nonfinite or not bool(finite.all())
-      for k, block in _blocks(blocks, gather):
-        if k >= len(chunk):
-          continue
-        a, b = pairs[k]
-        mirror = kind == T.UPPER and not diagonal
-        store.write(T.block_slices(kind, t1, t2, a, b),
-                    T.trim(kind, t1, t2, a, b, block[0] if mirror else block))
-        if mirror:
-          store.write(T.block_slices(kind, t1, t2, b, a), T.trim(kind, t2, t1, b, a, block[1]))
-        store.finish((a, b))
+      nonfinite = finish(*launch(diagonal, chunk)) or nonfinite
       if bar is not None:
         bar.update(len(chunk))
   if nonfinite:

@@ -112,7 +112,7 @@ def build(req: Request, params: Any, x1: Any, x2: Any, dynamic: list, b: int, ca
                          peer1, index, index, dyn)
     rounds[diagonal] = exe
     round_temp = max(round_temp, temp * d_local)
-  round_temp += 2 * d * round_block_bytes  # the round's blocks on the host (and mirrored)
+  round_temp += 2 * d * round_block_bytes  # the round on the host, and a mirrored block
   estimate = _budget.Estimate(b, inputs, factors, output_bytes, capture_temp, round_temp,
                               cached)
   return Programs(b, cached, capture1, capture2, rounds, estimate)
