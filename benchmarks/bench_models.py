@@ -5,19 +5,19 @@ that the ``ntklayers bench`` command line runs the same models; this module
 re-exports them for the scripts in ``benchmarks/``.
 """
 
-from ntklayers._timing import Memory
-from ntklayers._timing import compiled_memory
-from ntklayers._timing import format_table
-from ntklayers._timing import max_rel_diff
-from ntklayers._timing import median
-from ntklayers._timing import mib
-from ntklayers._timing import time_interleaved
-from ntklayers._timing import time_round_robin
-from ntklayers._zoo import MODELS
-from ntklayers._zoo import Model
-from ntklayers._zoo import cnn
-from ntklayers._zoo import mlp
-from ntklayers._zoo import transformer
+from ntklayers._bench._timing import Memory
+from ntklayers._bench._timing import compiled_memory
+from ntklayers._bench._timing import format_table
+from ntklayers._bench._timing import max_rel_diff
+from ntklayers._bench._timing import median
+from ntklayers._bench._timing import mib
+from ntklayers._bench._timing import time_interleaved
+from ntklayers._bench._timing import time_round_robin
+from ntklayers._bench.zoo import MODELS
+from ntklayers._bench.zoo import Model
+from ntklayers._bench.zoo import cnn
+from ntklayers._bench.zoo import mlp
+from ntklayers._bench.zoo import transformer
 
 __all__ = ("MODELS", "Memory", "Model", "cnn", "compiled_memory", "format_table",
            "max_rel_diff", "median", "mib", "mlp", "time_interleaved",

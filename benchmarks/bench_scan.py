@@ -3,7 +3,7 @@
 Models (same architecture; float32, ``[N, T, D] = [16, 16, 64]``, 4 heads, O = 10):
 
 * ``haiku``: ``hk.layer_stack(6)(hk.remat(block))`` of Haiku drop-ins (as
-  ``ntklayers._zoo.scanned_transformer``);
+  ``ntklayers._bench.zoo.scanned_transformer``);
 * ``linen``: ``nn.scan(nn.remat(Block), variable_axes={"params": 0})`` of linen
   drop-ins (``ntklayers.flax.linen``), timed through ``ntklayers.flax.ntk_fn``.
 
@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def haiku_model(blocks: int, n: int = 16, t: int = 16, d: int = 64, heads: int = 4,
                 n_out: int = 10):
   """``hk.layer_stack(blocks)(hk.remat(block))`` of Haiku drop-ins (defined here, not
-  imported from ``ntklayers._zoo``, so that older revisions can run it too)."""
+  imported from ``ntklayers._bench.zoo``, so that older revisions can run it too)."""
   import haiku as hk  # pylint: disable=g-import-not-at-top
   import ntklayers  # pylint: disable=g-import-not-at-top
   import ntklayers.haiku as nh  # pylint: disable=g-import-not-at-top
@@ -119,7 +119,7 @@ MODELS = {"haiku": haiku_model, "linen": linen_model}
 
 def _auto_only(model: str, blocks: int, repeats: int) -> dict:
   """Times ``auto`` alone (the ``--json`` mode run for ``--before``)."""
-  from ntklayers import _timing  # pylint: disable=g-import-not-at-top
+  from ntklayers._bench import _timing  # pylint: disable=g-import-not-at-top
   apply, params, x, kernel = MODELS[model](blocks)
   times, firsts, _ = _timing.time_round_robin({"auto": kernel("auto")}, params, x,
                                               repeats=repeats)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     print(json.dumps(_auto_only(models[0], args.blocks, args.repeats)))
     return 0
   import ntklayers  # pylint: disable=g-import-not-at-top
-  from ntklayers import _timing  # pylint: disable=g-import-not-at-top
+  from ntklayers._bench import _timing  # pylint: disable=g-import-not-at-top
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs")
   for name in models:
     apply, params, x, kernel = MODELS[name](args.blocks)

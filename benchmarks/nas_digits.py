@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ntklayers import _cli
+from ntklayers.cli import _main as _cli
 
 if __name__ == "__main__":
   here = os.path.dirname(os.path.abspath(__file__))

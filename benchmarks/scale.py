@@ -130,8 +130,11 @@ def run_one(setting: str, mode: str, n: int, max_memory: str | None) -> dict:
 
 def _block_size(f, params, x, max_memory) -> int:
   """The block size ``ntk_blocked`` picks (read from its plan)."""
-  from ntklayers import _blocked_exec as E, _blocked_plan as BP, _budget, _tiles as T  # pylint: disable=g-import-not-at-top
-  from ntklayers._options import Options, split_kwargs  # pylint: disable=g-import-not-at-top
+  from ntklayers._large import _exec as E
+  from ntklayers._large import _plan as BP
+  from ntklayers._large import _budget
+  from ntklayers._large import _tiles as T  # pylint: disable=g-import-not-at-top
+  from ntklayers._core._options import Options, split_kwargs  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   dyn, static = split_kwargs({})
   req = E.Request(f, Options.create(), static, E.make_mesh(), True)

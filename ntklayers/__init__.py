@@ -11,27 +11,27 @@ Parameters of layers that are not annotated are still counted exactly.
 
 from ntklayers import init
 from ntklayers import metrics
-from ntklayers._api import ntk
-from ntklayers._api import ntk_fn
-from ntklayers._api import summed_logits
-from ntklayers._blocked import ntk_blocked
-from ntklayers._blocked import ntk_trace
-from ntklayers._blocked_exec import InteractingExamplesError
-from ntklayers._budget import MemoryBudgetError
-from ntklayers._contract import contract
-from ntklayers._capture import Factors
-from ntklayers._capture import capture
-from ntklayers._rules import ConvConfig
-from ntklayers._rules import DenseConfig
-from ntklayers._rules_embed import EmbedConfig
-from ntklayers._rules import Rule
-from ntklayers._rules import ScaleConfig
-from ntklayers._rules import register_rule
-from ntklayers._session import tap
-from ntklayers._trainability import TrainabilityError
-from ntklayers._trainability import TrainabilityReport
-from ntklayers._trainability import TrainabilityWarning
-from ntklayers._trainability import check_trainability
+from ntklayers._core import ConvConfig
+from ntklayers._core import DenseConfig
+from ntklayers._core import EmbedConfig
+from ntklayers._core import Factors
+from ntklayers._core import Rule
+from ntklayers._core import ScaleConfig
+from ntklayers._core import capture
+from ntklayers._core import contract
+from ntklayers._core import ntk
+from ntklayers._core import ntk_fn
+from ntklayers._core import register_rule
+from ntklayers._core import summed_logits
+from ntklayers._core import tap
+from ntklayers._large import InteractingExamplesError
+from ntklayers._large import MemoryBudgetError
+from ntklayers._large import ntk_blocked
+from ntklayers._large import ntk_trace
+from ntklayers.trainability import TrainabilityError
+from ntklayers.trainability import TrainabilityReport
+from ntklayers.trainability import TrainabilityWarning
+from ntklayers.trainability import check_trainability
 
 __version__ = "0.1.0"
 

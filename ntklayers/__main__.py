@@ -2,7 +2,7 @@
 
 import sys
 
-from ntklayers._cli import main
+from ntklayers.cli import main
 
 if __name__ == "__main__":
   sys.exit(main())

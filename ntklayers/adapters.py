@@ -21,12 +21,19 @@ Equinox, say) without private imports. An adapter does three things:
    layers cost nothing otherwise). Adapters without interceptors check
    :func:`capturing` in the layer's ``__call__``.
 3. **Offer a kernel entry point.** Build an :class:`Options` from the user's
-   keyword options (:meth:`Options.create` validates them, once), write
-   ``f(params, x)`` for the framework's model, and inside ``jax.jit`` return
-   :func:`kernel` ``(f, params, x1, x2, options)``; outside, pass its result to
-   :func:`checked` with a ``set`` owned by the kernel function (fallback
-   warnings are given once per kernel function). Extra model arguments go
-   through :func:`split_kwargs`.
+   keyword options (:meth:`Options.create` validates them, once) and pass it to
+   :func:`make_kernel_fn` with two functions: ``split(model) -> (key, params,
+   rest)`` (outside ``jax.jit``: a hashable static key, the pytree to
+   differentiate and other state) and ``build(key, rest, model_kwargs) -> f``
+   (inside: the framework's model as ``f(params, x)``). The factory checks the
+   inputs, traces array model kwargs, compiles one kernel per key, options and
+   shapes, and warns once per kernel function. (The lower-level :func:`kernel`
+   and :func:`checked` are the two halves of its body.)
+
+New layer kinds: a :class:`Rule` over an :class:`Op` (:data:`AFFINE`,
+:data:`SCALE`, :data:`GATHER`, or a new one) registered with
+:func:`register_rule`; ``Rule.on_vmap`` says how its config changes when the
+layer is written per example and batched with ``jax.vmap``.
 
 Example (a toy adapter for a function with one weight matrix):
   >>> import jax, jax.numpy as jnp
@@ -35,43 +42,56 @@ Example (a toy adapter for a function with one weight matrix):
   ...   return adapters.tap(kind="dense", config=adapters.DenseConfig(), name="toy",
   ...                       params={"w": w}, primal=x, out=x @ w)
   >>> options = adapters.Options.create(trace_axes=(-1,))
-  >>> x = jnp.ones((3, 2))
-  >>> k = adapters.checked(jax.jit(lambda w, x: adapters.kernel(layer, w, x, None,
-  ...                                                            options))(jnp.ones((2, 4)), x))
-  >>> k.shape
+  >>> kernel_fn = adapters.make_kernel_fn(lambda key, rest, kw: layer,
+  ...                                     lambda w: ("toy", w, None), options, "toy kernel")
+  >>> kernel_fn(jnp.ones((2, 4)), jnp.ones((3, 2))).shape
   (3, 3)
 """
 
-from ntklayers._api import checked
-from ntklayers._api import kernel
-from ntklayers._checks import check_pair
-from ntklayers._options import Options
-from ntklayers._options import split_kwargs
-from ntklayers._rules import ConvConfig
-from ntklayers._rules import DenseConfig
-from ntklayers._rules import Description
-from ntklayers._rules import ScaleConfig
-from ntklayers._rules_embed import EmbedConfig
-from ntklayers._axes import normalize_axes
-from ntklayers._session import capturing
-from ntklayers._session import declare_coupled
-from ntklayers._session import register_interceptor
-from ntklayers._session import tap
+from ntklayers._core import AFFINE
+from ntklayers._core import GATHER
+from ntklayers._core import SCALE
+from ntklayers._core import ConvConfig
+from ntklayers._core import DenseConfig
+from ntklayers._core import Description
+from ntklayers._core import EmbedConfig
+from ntklayers._core import Op
+from ntklayers._core import Options
+from ntklayers._core import Rule
+from ntklayers._core import ScaleConfig
+from ntklayers._core import capturing
+from ntklayers._core import check_pair
+from ntklayers._core import checked
+from ntklayers._core import declare_coupled
+from ntklayers._core import kernel
+from ntklayers._core import make_kernel_fn
+from ntklayers._core import normalize_axes
+from ntklayers._core import register_interceptor
+from ntklayers._core import register_rule
+from ntklayers._core import split_kwargs
+from ntklayers._core import tap
 
 __all__ = (
+    "AFFINE",
+    "GATHER",
+    "SCALE",
     "ConvConfig",
     "DenseConfig",
     "Description",
     "EmbedConfig",
+    "Op",
     "Options",
+    "Rule",
     "ScaleConfig",
     "capturing",
     "check_pair",
     "checked",
     "declare_coupled",
     "kernel",
+    "make_kernel_fn",
     "normalize_axes",
     "register_interceptor",
+    "register_rule",
     "split_kwargs",
     "tap",
 )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from jax.typing import ArrayLike
 
-from ntklayers import _metrics
+from ntklayers import metrics as _metrics
 
 _INSTALL = "ntklayers.plot needs matplotlib: pip install 'ntklayers[plot]'"
 

@@ -82,7 +82,7 @@ def _configure(devices: int | None) -> None:
 def _slow_writes(seconds: float) -> None:
   """Every block write of the out-of-core store sleeps first (kills land mid-run,
   between a block's bytes and its mirror's, or before its log line)."""
-  from ntklayers import _store  # pylint: disable=g-import-not-at-top
+  from ntklayers._large import _store  # pylint: disable=g-import-not-at-top
   write = _store.NpyStore.write
 
   def slow(self, index, block):

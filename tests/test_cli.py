@@ -1,6 +1,6 @@
 """The ``ntklayers`` command line: ``demo``, ``bench``, ``nas`` and their errors.
 
-Runs ``ntklayers._cli.main`` in-process on tiny settings (one compile each), and
+Runs ``ntklayers.cli._main.main`` in-process on tiny settings (one compile each), and
 ``python -m ntklayers --help`` once in a subprocess for the module entry point.
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ntklayers import _cli
-from ntklayers import _nas_search
-from ntklayers import _nas_space
-from ntklayers import _stats
+from ntklayers.cli import _main as _cli
+from ntklayers.cli import _nas as _nas_search
+from ntklayers.cli import _nas_space
+from ntklayers.cli import _stats
 
 
 def test_demo_writes_pngs_and_exits_zero(tmp_path, capsys):
@@ -95,7 +95,7 @@ def test_params_and_flops_of_an_mlp():
 
 
 def test_training_is_deterministic_and_learns():
-  from ntklayers import _data
+  from ntklayers.datasets import _digits as _data
   x, y = _data.load_digits(400)
   data = _data.split(x, y, test_fraction=0.25, seed=0)
   arch = _nas_space.Arch("mlp", 1, 16, "tanh")

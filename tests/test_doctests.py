@@ -90,6 +90,6 @@ def test_known_failures_exist():
 def test_examples_exist():
   """Not vacuous: the public entry points and every drop-in module have examples."""
   names = {p.values[0].name for p in DOCTESTS if p.values[0] is not None}
-  assert {"ntklayers._api.ntk_fn", "ntklayers._api.ntk",
+  assert {"ntklayers._core._api.ntk_fn", "ntklayers._core._api.ntk",
           "ntklayers.haiku._layers.Linear", "ntklayers.flax._linen_layers.Dense",
           "ntklayers.flax._nnx_layers.Linear"} <= names, names

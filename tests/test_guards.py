@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 import ntklayers
+import ntklayers.adapters
 import ntklayers.haiku as nh
-from ntklayers import _capture, _replay
+from ntklayers._core import _capture
+from ntklayers._core import _replay
 from reference import TOL64, assert_rel_close, reference_ntk
 
 FALLBACK = r"handled by the exact generic fallback"
@@ -62,8 +64,9 @@ def _setup(fn, **kw):
   f, params, x1, x2 = _haiku(fn)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    return _capture.prepare(f, params, (x1, x2), implementation="auto", trainable=None,
-                            independent_samples=kw.get("independent_samples"))
+    options = ntklayers.adapters.Options.create(
+        independent_samples=kw.get("independent_samples"))
+    return _capture.prepare(f, params, (x1, x2), options)
 
 
 # ------------------------------------------------------------- the modes ---
@@ -110,13 +113,15 @@ def test_tied_decoder_weight_goes_to_fallback_with_one_warning():
 
 
 def test_warnings_are_per_model_not_per_layer_name():
+  # A batched convolution under vmap has no rule (its parameters go to the fallback).
   def model_a(x):
-    return hk.vmap(lambda h: nh.LayerNorm(-1, True, True, name="inner")(h),
-                   split_rng=False)(x)
+    conv = nh.Conv1D(2, 1, name="inner")
+    return hk.vmap(lambda h: conv(h[None, :, None]), split_rng=False)(x).reshape(3, -1)
 
   def model_b(x):
-    return hk.vmap(lambda h: nh.LayerNorm(-1, True, False, name="inner")(jnp.tanh(h)),
-                   split_rng=False)(x)
+    conv = nh.Conv1D(2, 2, name="inner")
+    return hk.vmap(lambda h: conv(jnp.tanh(h)[None, :, None]),
+                   split_rng=False)(x).reshape(3, -1)
 
   for fn in (model_a, model_b):
     f, params, x1, _ = _haiku(fn)

@@ -13,7 +13,7 @@ import scipy.linalg
 
 import ntklayers
 import ntklayers.metrics as nm
-from ntklayers._lanczos import symmetric_eigenvalues
+from ntklayers.metrics._lanczos import symmetric_eigenvalues
 from reference import flat_jacobian
 
 REL = 1e-6

@@ -11,8 +11,8 @@ import pytest
 
 import ntklayers
 import ntklayers.metrics as nm
-from ntklayers import _lanczos
-from ntklayers._matvec import ntk_matvec
+from ntklayers.metrics import _lanczos
+from ntklayers._large import ntk_matvec
 from reference import TOL64
 
 N, O, H = 7, 2, 11  # H: a hidden width that no other axis has (see the jaxpr test)

@@ -31,9 +31,9 @@ import models_flax
 import ntklayers
 import ntklayers.flax
 import ntklayers.haiku as nh
-from ntklayers import _rules_embed
-from ntklayers._axes import OutputSpec
-from ntklayers._ops import jacobian_kernel
+from ntklayers._core import _rules_embed
+from ntklayers._core._axes import OutputSpec
+from ntklayers._core._ops import jacobian_kernel
 from ntklayers.flax import linen as fl
 from ntklayers.flax import nnx as fx
 from reference import assert_rel_close, reference_ntk

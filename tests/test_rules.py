@@ -1,6 +1,6 @@
 """Conformance of every registered structure rule (after optax's ``contrib/_common_test.py``).
 
-``EXAMPLES`` maps every registered kind (``ntklayers._rules._REGISTRY``) to examples
+``EXAMPLES`` maps every registered kind (``ntklayers._core._rule._REGISTRY``) to examples
 of that layer kind: a rule config, a primal (the layer's input, or what the rule
 caches instead, e.g. LayerNorm's normalized input), parameters keyed by the op's
 roles, and an independent reference ``apply(params, primal) -> out`` written with
@@ -41,10 +41,11 @@ from reference import TOL64
 import ntklayers
 import ntklayers.flax  # noqa: F401  (every adapter imported: every rule registered)
 import ntklayers.haiku  # noqa: F401
-from ntklayers import _rules
-from ntklayers._axes import OutputSpec
-from ntklayers._ops import jacobian_kernel
-from ntklayers._rules_embed import EmbedConfig
+from ntklayers._core import _rule
+from ntklayers._core import _rules
+from ntklayers._core._axes import OutputSpec
+from ntklayers._core._ops import jacobian_kernel
+from ntklayers._core._rules_embed import EmbedConfig
 
 M1, M2 = 3, 2  # rows of the two batches
 
@@ -293,22 +294,22 @@ def assert_same_columns(j_op: np.ndarray, j_ref: np.ndarray, what: str) -> None:
 
 
 def test_every_kind_has_an_example():
-  missing = sorted(set(_rules._REGISTRY) - set(EXAMPLES))
+  missing = sorted(set(_rule._REGISTRY) - set(EXAMPLES))
   assert not missing, (f"registered rule kinds without an example in "
                        f"tests/test_rules.py EXAMPLES: {missing}")
-  stale = sorted(set(EXAMPLES) - set(_rules._REGISTRY))
+  stale = sorted(set(EXAMPLES) - set(_rule._REGISTRY))
   assert not stale, f"EXAMPLES of kinds that are not registered: {stale}"
 
 
 def test_every_op_has_a_layout():
-  ops = {rule.op.name for rule in _rules._REGISTRY.values()}
+  ops = {rule.op.name for rule in _rule._REGISTRY.values()}
   missing = sorted(ops - set(OP_LAYOUTS))
   assert not missing, f"ops without a documented layout in OP_LAYOUTS: {missing}"
 
 
 @pytest.mark.parametrize("kind, ex", _cases())
 def test_canonical_layout(kind, ex):
-  rule = _rules.get_rule(kind)
+  rule = _rule.get_rule(kind)
   x_letters, g_letters, x_kind, check_sizes = OP_LAYOUTS[rule.op.name]
   params, x, _ = _data(ex)
   rest = _rest(ex, params, x)
@@ -330,7 +331,7 @@ def test_canonical_layout(kind, ex):
 @pytest.mark.parametrize("shared", [False, True], ids=["per_example", "shared"])
 @pytest.mark.parametrize("kind, ex", _cases())
 def test_jacobian_matches_jacrev(kind, ex, shared):
-  rule = _rules.get_rule(kind)
+  rule = _rule.get_rule(kind)
   op = rule.op
   params, x, _ = _data(ex)
   rest = _rest(ex, params, x)
@@ -362,7 +363,7 @@ SPECS = {  # (trace_axes, diagonal_axes, same batch on both sides)
 
 @pytest.mark.parametrize("kind, ex", _cases())
 def test_activation_kernel_matches_jacobian_kernel(kind, ex):
-  rule = _rules.get_rule(kind)
+  rule = _rule.get_rule(kind)
   op = rule.op
   if op.activation_kernel is None:
     pytest.skip(f"op {op.name!r} has only the Jacobian route")
@@ -394,7 +395,7 @@ def test_activation_kernel_matches_jacobian_kernel(kind, ex):
 
 @pytest.mark.parametrize("kind, ex", _cases())
 def test_unsupported_and_flops(kind, ex):
-  rule = _rules.get_rule(kind)
+  rule = _rule.get_rule(kind)
   params, x, _ = _data(ex)
   y_shape = jax.eval_shape(ex.apply, params, x).shape
   assert rule.unsupported(ex.config, tuple(x.shape)) is None
@@ -409,8 +410,8 @@ def test_unsupported_and_flops(kind, ex):
 @pytest.fixture
 def scratch_registry(monkeypatch):
   """A copy of the rule registry for the duration of one test."""
-  monkeypatch.setattr(_rules, "_REGISTRY", dict(_rules._REGISTRY))
-  return _rules._REGISTRY
+  monkeypatch.setattr(_rule, "_REGISTRY", dict(_rule._REGISTRY))
+  return _rule._REGISTRY
 
 
 def test_register_existing_kind_raises(scratch_registry):
@@ -421,7 +422,7 @@ def test_register_existing_kind_raises(scratch_registry):
 
 
 def test_register_non_rule_raises(scratch_registry):
-  dense = _rules.get_rule("dense")
+  dense = _rule.get_rule("dense")
   with pytest.raises(TypeError, match="must be a Rule"):
     ntklayers.register_rule("not_a_rule", object())
   with pytest.raises(TypeError, match="must be a Rule"):
@@ -433,7 +434,7 @@ def test_register_non_rule_raises(scratch_registry):
 
 def test_register_new_kind(scratch_registry):
   """A new kind becomes visible to ``get_rule`` (in the scratch registry only)."""
-  dense = _rules.get_rule("dense")
+  dense = _rule.get_rule("dense")
   ntklayers.register_rule("dense_copy", dense)
-  assert _rules.get_rule("dense_copy") is dense
-  assert _rules.get_rule("no_such_kind") is None
+  assert _rule.get_rule("dense_copy") is dense
+  assert _rule.get_rule("no_such_kind") is None

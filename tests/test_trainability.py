@@ -12,10 +12,10 @@ from compile_log import log_compilations
 
 import ntklayers
 import ntklayers.metrics as nm
-from ntklayers._trainability import TrainabilityError
-from ntklayers._trainability import TrainabilityReport
-from ntklayers._trainability import TrainabilityWarning
-from ntklayers._trainability import check_trainability
+from ntklayers.trainability import TrainabilityError
+from ntklayers.trainability import TrainabilityReport
+from ntklayers.trainability import TrainabilityWarning
+from ntklayers.trainability import check_trainability
 
 N, D, O, W = 8, 4, 3, 16
 RTOL = 1e-10

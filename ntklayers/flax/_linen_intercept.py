@@ -6,7 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from ntklayers import _jax_compat, adapters
+from ntklayers import adapters
 from ntklayers.flax import _linen_layers as L
 
 
@@ -50,8 +50,6 @@ def interceptor(next_fun, args, kwargs, context):
   kind, config, primal, unsupported = describe(module, *args, **kwargs)
   variables = module.variables.get("params", {})
   params = {role: variables[leaf] for role, leaf in roles.items() if leaf in variables}
-  if _jax_compat.is_inexact(primal.dtype):  # (integer primals, e.g. token ids, stay)
-    primal = primal.astype(out.dtype)
   return adapters.tap(kind=kind, config=config, name=_module_name(module), params=params,
                       primal=primal, out=out, unsupported=unsupported,
                       inputs=(args, kwargs))

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 
 from ntklayers import adapters
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Linen:
+  """The static part of a linen model (compared by identity: one per ``ntk_fn``)."""
+
+  module: nn.Module
+  method: str | Callable | None
+  mutable: bool | str | Sequence[str]
+
+
+def _build(key: _Linen, rest: dict, apply_kwargs: dict[str, Any]) -> Callable:
+  def f(params, x):
+    out = key.module.apply({"params": params, **rest}, x, method=key.method,
+                           mutable=key.mutable, **apply_kwargs)
+    return out[0] if key.mutable else out
+  return f
+
+
 def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
-           mutable: bool | str | Sequence[str] = False,
-           trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequence[int] = (),
-           implementation: str = "auto", layerwise: bool = False, trainable: Any = None,
-           independent_samples: bool | None = None, precision: str = "highest"):
+           mutable: bool | str | Sequence[str] = False, **options: Any):
   """Returns ``kernel_fn(variables, x1, x2=None, **apply_kwargs)`` for a linen module.
 
   Only ``variables["params"]`` is differentiated; every other collection
@@ -27,9 +41,17 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
   ``rngs``, the kernel is that of the deterministic function of ``params`` for
   those keys (e.g. one fixed dropout mask). Models that update collections need
   ``mutable=[...]`` and their updates are dropped.
-  Options and output layout are those of :func:`ntklayers.ntk_fn`; ``layerwise``
-  names are linen module paths (``"Dense_0"``, ``"Block_0/Conv_1"``) and
-  ``trainable`` masks are trees like ``variables["params"]``.
+
+  Args:
+    module: a ``flax.linen`` module instance.
+    method: the module method to differentiate (``module.apply``'s ``method``).
+    mutable: collections the call updates (``module.apply``'s ``mutable``).
+    **options: the options of :func:`ntklayers.ntk_fn` (``trace_axes``,
+      ``diagonal_axes``, ``implementation``, ``layerwise``, ``trainable``,
+      ``independent_samples``, ``precision``), with the same output layout;
+      ``layerwise`` names are linen module paths (``"Dense_0"``,
+      ``"Block_0/Conv_1"``) and ``trainable`` masks are trees like
+      ``variables["params"]``.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, ntklayers.flax
@@ -45,32 +67,17 @@ def ntk_fn(module: nn.Module, *, method: str | Callable | None = None,
   """
   if not isinstance(module, nn.Module):
     raise TypeError(f"`module` must be a flax.linen Module, got {type(module).__name__}.")
-  options = adapters.Options.create(
-      trace_axes=trace_axes, diagonal_axes=diagonal_axes, implementation=implementation,
-      layerwise=layerwise, trainable=trainable, independent_samples=independent_samples,
-      precision=precision)
+  options_ = adapters.Options.create(**options)
+  key = _Linen(module, method, mutable)
 
-  def body(params, rest, x1, x2, dynamic, static):
-    apply_kwargs = static.merge(dynamic)
-
-    def f(p, x):
-      out = module.apply({"params": p, **rest}, x, method=method, mutable=mutable,
-                         **apply_kwargs)
-      return out[0] if mutable else out
-    return adapters.kernel(f, params, x1, x2, options)
-
-  jitted = jax.jit(body, static_argnums=(5,))
-  warned: set = set()  # fallback warnings are per kernel function
-
-  def kernel_fn(variables: Mapping[str, Any], x1: Any, x2: Any = None, **apply_kwargs):
+  def split(variables: Mapping[str, Any]):
     if not isinstance(variables, Mapping) or "params" not in variables:
       raise ValueError(
           f"`variables` must be a mapping with a 'params' collection (as returned "
           f"by module.init); got "
           f"{list(variables) if isinstance(variables, Mapping) else type(variables).__name__}.")
-    adapters.check_pair(x1, x2)
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    dynamic, static = adapters.split_kwargs(apply_kwargs)
-    return adapters.checked(jitted(variables["params"], rest, x1, x2, dynamic, static), warned)
+    return key, variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
-  return kernel_fn
+  return adapters.make_kernel_fn(
+      _build, split, options_,
+      "kernel_fn(variables, x1, x2=None, **apply_kwargs) -> NTK; see ntklayers.flax.ntk_fn.")

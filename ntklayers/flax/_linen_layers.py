@@ -11,9 +11,9 @@ interceptor calls during a capture only.
 from __future__ import annotations
 
 import flax.linen as nn
-from ntklayers import _jax_compat
 
 from ntklayers.flax import _common
+from ntklayers.flax import _compat
 
 
 class Dense(nn.Dense):
@@ -56,7 +56,7 @@ class Conv(nn.Conv):
     return _common.describe_conv(
         inputs, module.kernel_size, module.strides, module.padding,
         module.input_dilation, module.kernel_dilation, module.feature_group_count,
-        module.mask, _jax_compat.flax_canonicalize_padding)
+        module.mask, _compat.canonicalize_padding)
 
 
 class LayerNorm(nn.LayerNorm):

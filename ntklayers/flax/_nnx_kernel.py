@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from flax import nnx
 
-from ntklayers import _jax_compat, adapters
+from ntklayers import adapters
+from ntklayers.flax import _compat
 from ntklayers.flax._nnx_layers import MODULE_PATHS
 
 
 def _iter_modules(model: nnx.Module):
-  for path, module in _jax_compat.nnx_iter_modules(model):
+  for path, module in _compat.nnx_iter_modules(model):
     yield "/".join(str(p) for p in path), module
 
 
@@ -27,9 +28,43 @@ def _declare_batch_coupling(model: nnx.Module) -> None:
       adapters.declare_coupled(path)
 
 
-def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequence[int] = (),
-           implementation: str = "auto", layerwise: bool = False, trainable: Any = None,
-           independent_samples: bool | None = None, precision: str = "highest"):
+def _build(key: tuple, rest: tuple, kwargs: dict[str, Any]) -> Callable:
+  graphdef, param_def = key
+
+  def f(params, x):
+    # The Param state from its plain dict, and fresh Variables, created at the
+    # current trace level (NNX checks it).
+    state = jax.tree.unflatten(param_def, jax.tree.leaves(params))
+    state, states = jax.tree.map(lambda a: a, (state, rest))
+    model = nnx.merge(graphdef, state, *states)
+    _declare_batch_coupling(model)
+    token = MODULE_PATHS.set(_paths(model))
+    try:
+      return model(x, **kwargs)
+    finally:
+      MODULE_PATHS.reset(token)
+  return f
+
+
+def _split(model: Any) -> tuple[Any, Any, tuple]:
+  """``((graphdef, Param treedef), Params as a plain dict, other states)``: the
+  kernel sees a plain dict, whose paths name the layers."""
+  if isinstance(model, nnx.Module):
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+  elif isinstance(model, tuple) and len(model) >= 2:
+    graphdef, params, *rest = model
+  else:
+    raise TypeError(
+        f"`model` must be an nnx.Module or (graphdef, params, *states) from "
+        f"nnx.split; got {type(model).__name__}.")
+  return (graphdef, jax.tree.structure(params)), _pure(params), tuple(rest)
+
+
+def _pure(state: Any) -> Any:
+  return state.to_pure_dict() if isinstance(state, nnx.State) else state
+
+
+def ntk_fn(**options: Any):
   """Returns ``kernel_fn(model, x1, x2=None, **model_kwargs)`` for ``flax.nnx`` models.
 
   ``model`` is an ``nnx.Module``, or ``(graphdef, params, *other_states)`` from
@@ -38,9 +73,14 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
   hashable), as with the Haiku and linen entry points. Only ``nnx.Param`` state is
   differentiated; ``BatchStat`` and other state is held fixed (a BatchNorm with
   ``use_running_average=False``, i.e. after ``model.train()``, is detected as
-  making samples interact). Options and output layout are those of
-  :func:`ntklayers.ntk_fn`; ``layerwise`` names are attribute paths
-  (``"layers/0"``) and ``trainable`` masks are trees like the ``nnx.Param`` state.
+  making samples interact).
+
+  Args:
+    **options: the options of :func:`ntklayers.ntk_fn` (``trace_axes``,
+      ``diagonal_axes``, ``implementation``, ``layerwise``, ``trainable``,
+      ``independent_samples``, ``precision``), with the same output layout;
+      ``layerwise`` names are attribute paths (``"layers/0"``) and ``trainable``
+      masks are trees like the ``nnx.Param`` state.
 
   Example:
     >>> import jax.numpy as jnp
@@ -50,41 +90,9 @@ def ntk_fn(*, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequenc
     >>> ntk_nnx.ntk_fn()(model, jnp.ones((4, 3))).shape
     (4, 4, 2, 2)
   """
-  options = adapters.Options.create(
-      trace_axes=trace_axes, diagonal_axes=diagonal_axes, implementation=implementation,
-      layerwise=layerwise, trainable=trainable, independent_samples=independent_samples,
-      precision=precision)
-
-  def body(graphdef, static, params, rest, x1, x2, dynamic):
-    kwargs = static.merge(dynamic)
-
-    def f(p, x):
-      # Fresh Variables, created at the current trace level (NNX checks it).
-      p, states = jax.tree.map(lambda a: a, (p, rest))
-      model = nnx.merge(graphdef, p, *states)
-      _declare_batch_coupling(model)
-      token = MODULE_PATHS.set(_paths(model))
-      try:
-        return model(x, **kwargs)
-      finally:
-        MODULE_PATHS.reset(token)
-    return adapters.kernel(f, params, x1, x2, options)
-
-  jitted = jax.jit(body, static_argnums=(0, 1))
-  warned: set = set()  # fallback warnings are per kernel function
-
-  def kernel_fn(model: Any, x1: Any, x2: Any = None, **model_kwargs: Any):
-    if isinstance(model, nnx.Module):
-      graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
-    elif isinstance(model, tuple) and len(model) >= 2:
-      graphdef, params, *rest = model
-    else:
-      raise TypeError(
-          f"`model` must be an nnx.Module or (graphdef, params, *states) from "
-          f"nnx.split; got {type(model).__name__}.")
-    adapters.check_pair(x1, x2)
-    dynamic, static = adapters.split_kwargs(model_kwargs)
-    return adapters.checked(jitted(graphdef, static, params, tuple(rest), x1, x2, dynamic),
-                            warned)
-
-  return kernel_fn
+  if "trainable" in options:  # a mask shaped like the Param state: as a plain dict
+    options["trainable"] = _pure(options["trainable"])
+  return adapters.make_kernel_fn(
+      _build, _split, adapters.Options.create(**options),
+      "kernel_fn(model, x1, x2=None, **model_kwargs) -> NTK; see "
+      "ntklayers.flax.nnx.ntk_fn.")

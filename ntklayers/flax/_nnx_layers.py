@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import Any
 
 from flax import nnx
 
-from ntklayers import _jax_compat, adapters
+from ntklayers import adapters
 from ntklayers.flax import _common
+from ntklayers.flax import _compat
 
 # {id(module): "path/to/module"} of the model being captured (set by ntk_fn).
 MODULE_PATHS: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar(
     "ntklayers_nnx_paths", default=None)
 
 
-_value = _jax_compat.nnx_value
+_value = _compat.nnx_value
 
 
 def module_path(module) -> str:
@@ -39,8 +41,6 @@ def _tap(module, roles, description, out, inputs):
     variable = getattr(module, attr, None)
     if isinstance(variable, nnx.Variable):
       params[role] = _value(variable)
-  if _jax_compat.is_inexact(primal.dtype):  # (integer primals, e.g. token ids, stay)
-    primal = primal.astype(out.dtype)
   return adapters.tap(kind=kind, config=config, name=module_path(module), params=params,
                       primal=primal, out=out, unsupported=unsupported, inputs=inputs)
 
@@ -64,11 +64,11 @@ def _tap_conv(module, out, inputs, args, kwargs):
   return _tap(module, {"w": "kernel", "b": "bias"}, _common.describe_conv(
       inputs, module.kernel_size, module.strides, module.padding, module.input_dilation,
       module.kernel_dilation, module.feature_group_count, mask,
-      _jax_compat.flax_canonicalize_padding), out, (inputs, args, kwargs))
+      _compat.canonicalize_padding), out, (inputs, args, kwargs))
 
 
 def _tap_layer_norm(module, out, x, args, kwargs):
-  mask = kwargs.get("mask")
+  mask = kwargs.get("mask", args[0] if args else None)
   kind, config, primal, unsupported = _common.describe_layer_norm(
       x, module.reduction_axes, module.feature_axes, module.epsilon,
       module.use_fast_variance, mask)
@@ -78,7 +78,21 @@ def _tap_layer_norm(module, out, x, args, kwargs):
               (kind, config, primal, unsupported), out, (x, args, kwargs))
 
 
-class Linear(nnx.Linear):
+class Tapped:
+  """Mixin of the NNX drop-ins: ``__call__`` runs the stock computation and, only
+  while a capture is active (one context-variable read otherwise), reports the call
+  through the class's ``_ntk_tap(module, out, inputs, args, kwargs)``."""
+
+  _ntk_tap: Any
+
+  def __call__(self, inputs, *args, **kwargs):
+    out = super().__call__(inputs, *args, **kwargs)  # type: ignore[misc]
+    if not adapters.capturing():
+      return out
+    return type(self)._ntk_tap(self, out, inputs, args, kwargs)
+
+
+class Linear(Tapped, nnx.Linear):
   """Drop-in for :class:`flax.nnx.Linear`.
 
   Example:
@@ -90,45 +104,29 @@ class Linear(nnx.Linear):
     (2, 3)
   """
 
-  def __call__(self, inputs, *args, **kwargs):
-    out = super().__call__(inputs, *args, **kwargs)
-    if not adapters.capturing():
-      return out
-    return _tap_linear(self, out, inputs, args, kwargs)
+  _ntk_tap = staticmethod(_tap_linear)
 
 
-class LinearGeneral(nnx.LinearGeneral):
+class LinearGeneral(Tapped, nnx.LinearGeneral):
   """Drop-in for :class:`flax.nnx.LinearGeneral` (trailing ``axis``, no ``batch_axis``)."""
 
-  def __call__(self, inputs, *args, **kwargs):
-    out = super().__call__(inputs, *args, **kwargs)
-    if not adapters.capturing():
-      return out
-    return _tap_linear_general(self, out, inputs, args, kwargs)
+  _ntk_tap = staticmethod(_tap_linear_general)
 
 
-class Conv(nnx.Conv):
+class Conv(Tapped, nnx.Conv):
   """Drop-in for :class:`flax.nnx.Conv` (1-3D, strides, paddings, dilations, groups)."""
 
-  def __call__(self, inputs, *args, **kwargs):
-    out = super().__call__(inputs, *args, **kwargs)
-    if not adapters.capturing():
-      return out
-    return _tap_conv(self, out, inputs, args, kwargs)
+  _ntk_tap = staticmethod(_tap_conv)
 
 
-class LayerNorm(nnx.LayerNorm):
+class LayerNorm(Tapped, nnx.LayerNorm):
   """Drop-in for :class:`flax.nnx.LayerNorm` (``use_scale``, ``use_bias``,
   ``reduction_axes``, ``feature_axes``)."""
 
-  def __call__(self, x, *, mask=None):
-    out = super().__call__(x, mask=mask)
-    if not adapters.capturing():
-      return out
-    return _tap_layer_norm(self, out, x, (), {"mask": mask})
+  _ntk_tap = staticmethod(_tap_layer_norm)
 
 
-class Embed(nnx.Embed):
+class Embed(Tapped, nnx.Embed):
   """Drop-in for :class:`flax.nnx.Embed`.
 
   Its ``__call__`` is a gather of table rows, whose kernel is a count-matching
@@ -145,12 +143,10 @@ class Embed(nnx.Embed):
     (2, 2, 3, 3, 4, 4)
   """
 
-  def __call__(self, inputs, *args, **kwargs):
-    out = super().__call__(inputs, *args, **kwargs)
-    if not adapters.capturing():
-      return out
-    return _tap(self, {"embeddings": "embedding"},
-                _common.describe_embed(inputs, self.num_embeddings), out,
+  @staticmethod
+  def _ntk_tap(module, out, inputs, args, kwargs):
+    return _tap(module, {"embeddings": "embedding"},
+                _common.describe_embed(inputs, module.num_embeddings), out,
                 (inputs, args, kwargs))
 
 

@@ -1,7 +1,7 @@
 """Annotated flax.nnx normalizations: ``RMSNorm``, ``GroupNorm`` and ``BatchNorm``.
 
-As ``LayerNorm`` (``_nnx_layers.py``), each subclass overrides ``__call__``: it
-runs the stock computation and, only while a capture is active, reports an
+As ``LayerNorm`` (``_nnx_layers.py``), each subclass runs the stock computation
+(the ``Tapped`` mixin) and, only while a capture is active, reports an
 elementwise scale (and bias) of the normalized input (the ``"scale"`` rule),
 recomputed as NNX computes it: the module's own ``promote_dtype`` first, then
 ``_common.flax_stats``/``normalized`` (same ``epsilon`` placement, variance
@@ -15,7 +15,7 @@ from flax import nnx
 
 from ntklayers import adapters
 from ntklayers.flax import _common
-from ntklayers.flax._nnx_layers import _tap, _value, module_path
+from ntklayers.flax._nnx_layers import Tapped, _tap, _value, module_path
 
 
 def _param(module, attr: str):
@@ -23,7 +23,7 @@ def _param(module, attr: str):
   return _value(variable) if isinstance(variable, nnx.Variable) else None
 
 
-class RMSNorm(nnx.RMSNorm):
+class RMSNorm(Tapped, nnx.RMSNorm):
   """Drop-in for :class:`flax.nnx.RMSNorm` (``use_scale``, ``reduction_axes``,
   ``feature_axes``).
 
@@ -36,18 +36,17 @@ class RMSNorm(nnx.RMSNorm):
     (3, 3, 4, 4)
   """
 
-  def __call__(self, x, mask=None):
-    out = super().__call__(x, mask)
-    if not adapters.capturing():
-      return out
-    (xp, _) = self.promote_dtype((x, _param(self, "scale")), dtype=self.dtype)
+  @staticmethod
+  def _ntk_tap(module, out, x, args, kwargs):
+    mask = kwargs.get("mask", args[0] if args else None)
+    (xp, _) = module.promote_dtype((x, _param(module, "scale")), dtype=module.dtype)
     description = _common.describe_rms_norm(
-        xp, self.reduction_axes, self.feature_axes, self.epsilon, self.dtype,
-        self.use_fast_variance, True, mask, self.axis_name)
-    return _tap(self, {"scale": "scale"}, description, out, (x, mask))
+        xp, module.reduction_axes, module.feature_axes, module.epsilon, module.dtype,
+        module.use_fast_variance, True, mask, module.axis_name)
+    return _tap(module, {"scale": "scale"}, description, out, (x, mask))
 
 
-class GroupNorm(nnx.GroupNorm):
+class GroupNorm(Tapped, nnx.GroupNorm):
   """Drop-in for :class:`flax.nnx.GroupNorm` (``num_groups`` or ``group_size``,
   ``use_scale``, ``use_bias``; statistics over every non-batch axis, the default).
 
@@ -61,16 +60,15 @@ class GroupNorm(nnx.GroupNorm):
     (2, 2)
   """
 
-  def __call__(self, x, *, mask=None):
-    out = super().__call__(x, mask=mask)
-    if not adapters.capturing():
-      return out
-    xp, _, _ = self.promote_dtype((x, _param(self, "scale"), _param(self, "bias")),
-                                  dtype=self.dtype)
+  @staticmethod
+  def _ntk_tap(module, out, x, args, kwargs):
+    mask = kwargs.get("mask")
+    xp, _, _ = module.promote_dtype((x, _param(module, "scale"), _param(module, "bias")),
+                                    dtype=module.dtype)
     description = _common.describe_group_norm(
-        xp, self.num_groups, self.reduction_axes, self.epsilon, self.dtype,
-        self.use_fast_variance, True, mask, self.axis_name, repeat_axis=1)
-    return _tap(self, {"scale": "scale", "offset": "bias"}, description, out, (x, mask))
+        xp, module.num_groups, module.reduction_axes, module.epsilon, module.dtype,
+        module.use_fast_variance, True, mask, module.axis_name, repeat_axis=1)
+    return _tap(module, {"scale": "scale", "offset": "bias"}, description, out, (x, mask))
 
 
 class BatchNorm(nnx.BatchNorm):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import haiku as hk
-from ntklayers import _jax_compat, adapters
+from ntklayers import adapters
+from ntklayers.haiku import _compat
 
 
 def _is_false(value: Any) -> bool:
@@ -32,7 +33,7 @@ def interceptor(next_fun, args, kwargs, ctx: hk.MethodContext):
     return next_fun(*args, **kwargs)
   out = next_fun(*args, **kwargs)
   kind, config, primal, unsupported = describe(*args, **kwargs)
-  if _jax_compat.haiku_custom_getters_active():  # factors would pair with other values
+  if _compat.custom_getters_active():  # factors would pair with other values
     unsupported = "its parameters pass through hk.custom_getter (e.g. mixed precision)"
   prefix = module.module_name + "/"
   params = {k[len(prefix):]: v for k, v in module.params_dict().items()

@@ -1,0 +1,281 @@
+"""Discovery: trace the model once and read its annotated layer calls off the jaxpr.
+
+The model ``f(params, x)`` is traced (``jax.make_jaxpr``) inside a capture
+session, so every annotated layer call appears as a structure tag (``_session``),
+also inside ``scan``, ``remat`` and ``jit`` bodies. :func:`discover` walks the
+jaxpr and makes one :class:`CallRecord` per tag: the parameter leaves it reads
+(followed through the data flow of the program, never guessed from shapes: a
+tag operand is a parameter only if it *is* a leaf of ``params``, or a per-step
+slice of one taken by an enclosing ``scan``), the enclosing loops, and why it
+cannot be captured, if so.
+
+:func:`outside` answers the coverage question: which parameter leaves the output
+depends on other than through the direct parameter use of the captured calls
+(plain code reading a layer's weights, a tied decoder, a call that is not
+captured). Those leaves go to the exact fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from ntklayers._core import _checks
+from ntklayers._core import _jax_compat
+from ntklayers._core._rule import get_rule
+from ntklayers._core._session import TAG, Session
+
+# Skip reason of annotated layers without parameters (nothing to fall back).
+NO_PARAMS = "it owns no parameters"
+
+Path = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CallRecord:
+  """Static description of one annotated layer call (one tag of the jaxpr).
+
+  Attributes:
+    name: module path of the layer (layerwise kernels and warnings).
+    kind: registered rule kind.
+    config: the rule's static config record.
+    leaves: ``((role, leaf_index), ...)`` of the ``params`` leaves it reads.
+    primal: ``(shape, dtype)`` of the primal in one step of the enclosing loops.
+    out: ``(shape, dtype)`` of the layer output in one step.
+    skip: why the call cannot be captured (``None`` if it can).
+    path: address of the tag in the jaxpr (equation indices, outermost first).
+    loops: lengths of the enclosing ``scan`` loops, outermost first.
+    stack: positions (in ``loops``) of the loops that slice the parameters: the
+      call reads slice ``[i_a, i_b, ...]`` of each leaf at steps ``i``; the other
+      loops reuse the same parameters at every step (weight sharing).
+  """
+
+  name: str
+  kind: str
+  config: Any
+  leaves: tuple[tuple[str, int], ...]
+  primal: tuple[tuple[int, ...], Any]
+  out: tuple[tuple[int, ...], Any]
+  skip: str | None = None
+  path: Path = ()
+  loops: tuple[int, ...] = ()
+  stack: tuple[int, ...] = ()
+
+  @property
+  def steps(self) -> int:
+    """Number of times the call runs (product of the enclosing loop lengths)."""
+    n = 1
+    for length in self.loops:
+      n *= length
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+  """The model traced with structure tags, on one batch.
+
+  Attributes:
+    jaxpr: the closed jaxpr of ``f`` over ``(params leaves, x leaves)``.
+    n_params: number of ``params`` leaves (the first inputs of ``jaxpr``).
+    out_shape: output shape of ``f``.
+    out_dtype: output dtype of ``f``.
+    records: every annotated call, in program order.
+    coupled: modules that declared that samples interact (BatchNorm in training).
+  """
+
+  jaxpr: Any
+  n_params: int
+  out_shape: tuple[int, ...]
+  out_dtype: Any
+  records: tuple[CallRecord, ...]
+  coupled: tuple[str, ...]
+
+
+def discover(f: Callable, params: Any, x: Any, interceptors: tuple) -> Traced:
+  """Traces ``f(params, x)`` with every interceptor active and finds its tags."""
+  n = _checks.batch_size(x)
+  session = Session(interceptors)
+
+  def run(params, x):
+    with session.activate():
+      return f(params, x)
+
+  try:
+    closed, out = jax.make_jaxpr(run, return_shape=True)(params, x)
+  except Exception as e:  # pylint: disable=broad-except
+    _checks.note_failure(e, params, x)
+    raise
+  _checks.check_output(out, n, x)
+  n_params = len(jax.tree.leaves(params))
+  prov = {v: (i, ()) for i, v in enumerate(closed.jaxpr.invars[:n_params])}
+  records: list[CallRecord] = []
+  _walk(closed.jaxpr, prov, (), (), None, records, n)
+  return Traced(closed, n_params, tuple(out.shape), out.dtype, tuple(records),
+                tuple(session.coupled))
+
+
+def _walk(jaxpr, prov: dict, path: Path, loops: tuple[int, ...], blocked: str | None,
+          records: list, n: int) -> None:
+  """Appends a record per tag of ``jaxpr``; ``prov`` maps variables that are
+  parameter leaves (or scan slices of them) to ``(leaf, slicing loops)``."""
+  for k, eqn in enumerate(jaxpr.eqns):
+    here = path + (k,)
+    name = eqn.primitive.name
+    if eqn.primitive is TAG:
+      records.append(_record(eqn, prov, here, loops, blocked, n))
+    elif blocked is None and name == _jax_compat.SCAN:
+      sp = _jax_compat.scan_params(eqn)
+      nc, ncar = sp["num_consts"], sp["num_carry"]
+      inner_jaxpr, _ = _jax_compat.body(eqn)
+      inner = {}
+      for i, (v, bv) in enumerate(zip(eqn.invars, inner_jaxpr.invars)):
+        pv = _lookup(prov, v)
+        if pv is None or nc <= i < nc + ncar:
+          continue  # a loop carry is not a parameter, even if it starts as one
+        inner[bv] = pv if i < nc else (pv[0], pv[1] + (len(loops),))
+      _walk(inner_jaxpr, inner, here, loops + (sp["length"],), None, records, n)
+    elif blocked is None and (name in _jax_compat.REMAT or name in _jax_compat.CALLS):
+      inner_jaxpr, _ = _jax_compat.body(eqn)
+      inner = {bv: _lookup(prov, v) for v, bv in zip(eqn.invars, inner_jaxpr.invars)
+               if _lookup(prov, v) is not None}
+      _walk(inner_jaxpr, inner, here, loops, None, records, n)
+    elif _jax_compat.has_body(eqn):
+      reason = blocked or f"it runs inside a `{name}` of the model, which is not structured"
+      for j, sub in enumerate(_jax_compat.nested(eqn)):
+        _walk(sub, {}, here + (-1 - j,), loops, reason, records, n)
+
+
+def _lookup(prov: dict, v: Any):
+  return None if isinstance(v, _jax_compat.Literal) else prov.get(v)
+
+
+def _record(eqn, prov, path, loops, blocked, n) -> CallRecord:
+  meta = eqn.params["meta"]
+  out_v, primal_v = eqn.invars[0], eqn.invars[1]
+  param_vs = eqn.invars[2:2 + len(meta.roles)]
+  primal = (tuple(primal_v.aval.shape), primal_v.aval.dtype)
+  out = (tuple(out_v.aval.shape), out_v.aval.dtype)
+  skip, leaves, stack = _skip_reason(meta, primal[0], out[0], param_vs, prov, blocked, n)
+  return CallRecord(meta.name, meta.kind, meta.config, leaves, primal, out, skip, path,
+                    loops, stack)
+
+
+def _skip_reason(meta, primal_shape, out_shape, param_vs, prov, blocked, n):
+  if blocked:
+    return blocked, (), ()
+  if meta.unsupported:
+    return meta.unsupported, (), ()
+  rule = get_rule(meta.kind)
+  if rule is None:
+    return f"no structure rule is registered for kind {meta.kind!r}", (), ()
+  reason = rule.unsupported(meta.config, primal_shape)
+  if reason:
+    return reason, (), ()
+  if not primal_shape or not out_shape or primal_shape[0] != n or out_shape[0] != n:
+    return (f"its input {primal_shape} / output {out_shape} do not lead with the batch "
+            f"axis of size {n}"), (), ()
+  leaves, stacks = [], set()
+  for role, v in zip(meta.roles, param_vs):
+    if role not in rule.roles:
+      continue
+    pv = _lookup(prov, v)
+    if pv is None:
+      return (f"its parameter {role!r} is not a leaf of `params` (transformed before "
+              f"use, e.g. by a custom getter or mixed precision, or carried by a loop)"), (), ()
+    leaves.append((role, pv[0]))
+    stacks.add(pv[1])
+  if not leaves:
+    return NO_PARAMS, (), ()
+  if len(stacks) != 1:
+    return "its parameters are sliced by different loops", (), ()
+  return None, tuple(leaves), stacks.pop()
+
+
+def outside(traced: Traced, captured: frozenset[Path]) -> frozenset[int]:
+  """Parameter leaves the output depends on other than through the direct
+  parameter use of the ``captured`` tags (by their paths).
+
+  A captured tag's output counts as depending on the tag's primal and inputs
+  only; every other equation's outputs depend on all of its inputs, except that
+  ``scan``, ``remat`` and ``jit`` bodies are followed (loop carries to a fixed
+  point). The answer may over-approximate, never miss, a dependency.
+  """
+  jaxpr = traced.jaxpr.jaxpr
+  taint = [1 << i for i in range(traced.n_params)]
+  taint += [0] * (len(jaxpr.invars) - traced.n_params)
+  mask = 0
+  for t in _taint(jaxpr, taint, captured, ()):
+    mask |= t
+  return frozenset(i for i in range(traced.n_params) if mask >> i & 1)
+
+
+def _taint(jaxpr, in_taint: list[int], captured, path: Path) -> list[int]:
+  env = dict(zip(jaxpr.invars, in_taint))
+
+  def read(v):
+    return 0 if isinstance(v, _jax_compat.Literal) else env.get(v, 0)
+
+  for k, eqn in enumerate(jaxpr.eqns):
+    here = path + (k,)
+    t_in = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if eqn.primitive is TAG:
+      n_roles = len(eqn.params["meta"].roles)
+      kept = t_in[1:2] + t_in[2 + n_roles:] if here in captured else t_in
+      outs = [_union(kept)]
+    elif name == _jax_compat.SCAN:
+      sp = _jax_compat.scan_params(eqn)
+      nc, ncar = sp["num_consts"], sp["num_carry"]
+      inner_jaxpr, _ = _jax_compat.body(eqn)
+      carry = t_in[nc:nc + ncar]
+      while True:
+        body_out = _taint(inner_jaxpr, t_in[:nc] + carry + t_in[nc + ncar:], captured, here)
+        new = [a | b for a, b in zip(carry, body_out[:ncar])]
+        if new == carry:
+          break
+        carry = new
+      outs = carry + body_out[ncar:]
+    elif name in _jax_compat.REMAT or name in _jax_compat.CALLS:
+      inner_jaxpr, _ = _jax_compat.body(eqn)
+      outs = _taint(inner_jaxpr, t_in, captured, here)
+    else:
+      outs = _taint_other(eqn, t_in, captured, here)
+    for v, t in zip(eqn.outvars, outs):
+      env[v] = t
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _taint_other(eqn, t_in: list[int], captured, here: Path) -> list[int]:
+  """Taints through ``cond`` (any branch) and ``while`` (carries to a fixed point);
+  any other equation (``custom_jvp``/``custom_vjp`` included, whose derivative
+  rules need not follow their primal data flow): every output depends on every
+  input."""
+  n_out = len(eqn.outvars)
+  branches = _jax_compat.cond_branches(eqn)
+  if branches is not None:
+    outs = [t_in[0]] * n_out  # the branch index affects every output
+    for j, b in enumerate(branches):
+      outs = [a | c for a, c in zip(outs, _taint(b, t_in[1:], captured, here + (-1 - j,)))]
+    return outs
+  parts = _jax_compat.while_parts(eqn)
+  if parts is not None:
+    cond, body, nc, nb = parts
+    cconsts, bconsts, carry = t_in[:nc], t_in[nc:nc + nb], t_in[nc + nb:]
+    while True:
+      pred = _union(_taint(cond, cconsts + carry, captured, here + (-1,)))
+      out = _taint(body, bconsts + carry, captured, here + (-2,))
+      new = [a | b | pred for a, b in zip(carry, out)]
+      if new == carry:
+        return carry
+      carry = new
+  return [_union(t_in)] * n_out
+
+
+def _union(taints: list[int]) -> int:
+  t = 0
+  for x in taints:
+    t |= x
+  return t

@@ -1,0 +1,140 @@
+"""The kernel-function factory shared by every entry point, and its body.
+
+``ntk_fn`` (plain functions), ``ntklayers.flax.ntk_fn`` (linen modules),
+``ntklayers.flax.nnx.ntk_fn`` and ``ntklayers.equinox.ntk_fn`` differ only in how
+a model argument becomes ``f(params, x)`` and its parameters: each passes a
+``split`` (outside ``jax.jit``: the model argument -> a static key, the
+parameters and the rest of its state) and a ``build`` (inside: key, rest and
+model kwargs -> ``f``) to :func:`make_kernel_fn`, which does the rest once:
+input checks, the split of model kwargs into traced and static parts, one
+compiled kernel per key, options, static kwargs and shapes, fallback warnings
+once per kernel function, and the NaN report.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from ntklayers._core import _checks
+from ntklayers._core._capture import capture_with, prepare
+from ntklayers._core._contract import all_finite, contract_unchecked, report_nonfinite
+from ntklayers._core._options import Options, StaticKwargs, split_kwargs
+from ntklayers._core._plan import collecting_notes, emit_note
+
+KernelFn = Callable[..., "jax.Array | dict[str, jax.Array]"]
+Build = Callable[[Any, Any, dict[str, Any]], Callable[[Any, Any], jax.Array]]
+Split = Callable[[Any], tuple[Any, Any, Any]]
+
+
+class KernelFunction:
+  """``kernel_fn(model, x1, x2=None, **model_kwargs)``; see :func:`make_kernel_fn`.
+
+  Attributes:
+    fallback: names of the parameter groups the exact generic fallback counted
+      in the calls so far (parameters outside structured layers).
+  """
+
+  def __init__(self, build: Build, split: Split, options: Options, doc: str):
+    self._build, self._split, self._options = build, split, options
+    self._warned: set = set()  # fallback warnings are per kernel function
+    self.fallback: tuple[str, ...] = ()
+    self.__doc__ = doc
+
+  def __call__(self, model: Any, x1: Any, x2: Any = None, **model_kwargs: Any):
+    key, params, rest = self._split(model)
+    _checks.check_pair(x1, x2)
+    dynamic, static = split_kwargs(model_kwargs)
+    result = _jitted(self._build, key, self._options, static, params, rest, x1, x2, dynamic)
+    self.fallback = tuple(dict.fromkeys(self.fallback + result.fallback))
+    return checked(result, self._warned)
+
+
+def make_kernel_fn(build: Build, split: Split, options: Options, doc: str) -> KernelFunction:
+  """``kernel_fn(model, x1, x2=None, **model_kwargs)`` for one kind of model argument.
+
+  Args:
+    build: ``(key, rest, model_kwargs) -> f(params, x)``, called inside ``jax.jit``
+      (``key`` is static, ``rest`` and the array leaves of the kwargs traced). A
+      module-level function, so that compiled kernels are shared between kernel
+      functions of the same key.
+    split: ``model -> (key, params, rest)``, called outside: ``key`` hashable
+      (static), ``params`` the differentiated pytree, ``rest`` other arrays.
+    options: validated kernel options.
+    doc: the kernel function's docstring.
+
+  Returns:
+    A :class:`KernelFunction`.
+  """
+  return KernelFunction(build, split, options, doc)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _jitted(build: Build, key: Any, options: Options, static: StaticKwargs, params: Any,
+            rest: Any, x1: Any, x2: Any, dynamic: list):
+  """One compiled kernel per model (``build``, ``key``), options, static model
+  kwargs and input shapes, shared by every kernel function with the same model
+  (JAX's jit cache holds them)."""
+  return kernel(build(key, rest, static.merge(dynamic)), params, x1, x2, options)
+
+
+def with_kwargs(f: Callable, kwargs: dict[str, Any]) -> Callable:
+  """``f`` with extra keyword arguments bound."""
+  if not kwargs:
+    return f
+
+  def bound(params, x):
+    return f(params, x, **kwargs)
+
+  return bound
+
+
+@jax.tree_util.register_pytree_node_class
+class KernelResult:
+  """What :func:`kernel` returns: the kernel, whether it is finite, and (static,
+  so that they come back from ``jax.jit``'s cache too) the fallback notes and the
+  names of the parameter groups on the fallback."""
+
+  def __init__(self, value: Any, ok: Any, notes: tuple = (), fallback: tuple = ()):
+    self.value, self.ok, self.notes, self.fallback = value, ok, notes, fallback
+
+  def tree_flatten(self):
+    return (self.value, self.ok), (self.notes, self.fallback)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+
+def checked(result: KernelResult, warned: set | None = None):
+  """Warns about a non-finite kernel (see :func:`ntklayers._core._contract.report_nonfinite`)
+  and about parameters on the fallback (once per note and ``warned`` set, i.e. per
+  kernel function); returns the kernel."""
+  report_nonfinite(result.ok)
+  warned = set() if warned is None else warned
+  for note in result.notes:
+    if note not in warned:
+      warned.add(note)
+      emit_note(note, stacklevel=4)
+  return result.value
+
+
+def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options) -> KernelResult:
+  """``contract(capture(x1), capture(x2))``, the body of every kernel function.
+
+  Both batches are discovered first and share one plan. Call it inside
+  ``jax.jit``; pass its result to :func:`checked` outside.
+  """
+  xs = (x1,) if x2 is None else (x1, x2)
+  with collecting_notes() as notes:
+    setup = prepare(f, params, xs, options)
+  c1 = capture_with(setup, params, x1)
+  c2 = None if x2 is None else capture_with(setup, params, x2)
+  result = contract_unchecked(c1, c2, options)
+  return KernelResult(result, all_finite(result), tuple(notes),
+                      tuple(g.name for g in setup.plan.fallback))
+
+

@@ -1,0 +1,16 @@
+"""Large kernels: blocked, out of core, multi-device, and matrix-free products.
+
+The door of this package (the rest of ntklayers imports from here only):
+:func:`ntk_blocked` and :func:`ntk_trace` (kernels in tiles within a memory
+budget, resumable ``.npy`` output), :func:`ntk_matvec` (``v -> J (J^T v)``,
+whole-batch or tile by tile), and their errors.
+"""
+
+from ntklayers._large._blocked import ntk_blocked
+from ntklayers._large._blocked import ntk_trace
+from ntklayers._large._budget import MemoryBudgetError
+from ntklayers._large._exec import InteractingExamplesError
+from ntklayers._large._matvec import ntk_matvec
+
+__all__ = ("InteractingExamplesError", "MemoryBudgetError", "ntk_blocked", "ntk_matvec",
+           "ntk_trace")
