@@ -48,6 +48,28 @@ def _labels(labels: ArrayLike | None, n: int) -> np.ndarray | None:
   return out
 
 
+def _colours(mat: np.ndarray, percentile: float) -> tuple[str, Any]:
+  """A colour map and a norm that fit the values of ``mat``.
+
+  A few outlying examples (large inputs) would wash out the rest, so the range
+  ends at the ``percentile`` of the values (larger entries saturate). A kernel
+  without negative entries gets a sequential map from 0; one with both signs a
+  diverging map centred at 0 whose two halves span exactly the negative and the
+  positive range (no unused half of the colour bar).
+  """
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
+  finite = mat[np.isfinite(mat)]
+  if finite.size == 0:
+    return "viridis", colors.Normalize(0.0, 1.0)
+  hi = float(np.percentile(finite, percentile))
+  lo = float(np.percentile(finite, 100.0 - percentile))
+  if lo >= 0:
+    return "viridis", colors.Normalize(0.0, hi if hi > 0 else float(finite.max()) or 1.0)
+  if hi <= 0:
+    return "viridis_r", colors.Normalize(lo, 0.0)
+  return "RdBu_r", colors.TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
+
+
 def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
                  title: str | None, percentile: float = 99.0) -> None:
   mat = np.asarray(_metrics.flatten(K))
@@ -60,10 +82,8 @@ def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
     order = np.argsort(lab, kind="stable")
     rows = (order[:, None] * per + np.arange(per)).ravel()
     mat, lab = mat[np.ix_(rows, rows)], lab[order]
-  # A few outlying examples (large inputs) would wash out the rest: the colour
-  # range is symmetric and ends at a percentile of |K|; larger entries saturate.
-  vmax = float(np.percentile(np.abs(mat), percentile)) or float(np.max(np.abs(mat))) or 1.0
-  im = ax.imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+  cmap, norm = _colours(mat, percentile)
+  im = ax.imshow(mat, cmap=cmap, norm=norm, interpolation="nearest")
   fig.colorbar(im, ax=ax, shrink=0.8)
   if lab is not None:
     cuts = np.flatnonzero(np.diff(lab)) + 1
@@ -95,8 +115,11 @@ def heatmap(K: ArrayLike, labels: ArrayLike | None = None, ax: Any = None,
     ax: optional matplotlib ``Axes`` to draw into (its figure is returned).
     path: save the figure as a PNG here.
     title: axes title.
-    percentile: the colour range is ``±`` this percentile of ``|K|`` (100: the
-      maximum); larger entries saturate, so outliers do not wash out the rest.
+    percentile: the colour range ends at this percentile of the entries (and
+      starts at ``100 - percentile``; 100: the extremes); larger entries
+      saturate, so outliers do not wash out the rest. Non-negative kernels get
+      a sequential colour map from 0, kernels with both signs a diverging one
+      centred at 0 whose halves fit the negative and positive ranges.
 
   Returns:
     The :class:`matplotlib.figure.Figure`.

@@ -324,6 +324,20 @@ def _vmap_layer_norm(x, name):
   return ntklayers.Linear(2)(h)
 
 
+def _vmap_conv(x, name):
+  """A convolution written per example (unbatched input) and batched by vmap."""
+  h = hk.vmap(lambda xi: nh.Conv1D(3, 2, name=name)(xi.reshape(5, 1)),
+              split_rng=False)(x)
+  return ntklayers.Linear(2)(jnp.tanh(h).reshape(h.shape[0], -1))
+
+
+def _vmap_batched_conv(x, name):
+  """A batched convolution under vmap: two leading axes, which the rule cannot take."""
+  h = hk.vmap(lambda xi: nh.Conv1D(3, 2, name=name)(xi.reshape(1, 5, 1)),
+              split_rng=False)(x)
+  return ntklayers.Linear(2)(jnp.tanh(h).reshape(h.shape[0], -1))
+
+
 def _custom_getter(x, name):
   def double(next_getter, value, context):
     del context
@@ -342,15 +356,17 @@ def _masked_conv(x, name):
 
 
 FALLBACK_MODELS = {
-    "vmap_layer_norm": (_vmap_layer_norm, "runs under vmap"),
+    "vmap_batched_conv": (_vmap_batched_conv, "runs under vmap"),
     "masked_conv": (_masked_conv, "masked"),
 }
 
-# Layers inside hk.remat, hk.layer_stack, hk.scan and (dense, unbatched weights)
-# hk.vmap are captured structurally (their structure tags survive the transforms):
-# no fallback, no warning, exact.
+# Layers inside hk.remat, hk.layer_stack, hk.scan and hk.vmap (unbatched weights;
+# dense, a LayerNorm's scale, a convolution written per example) are captured
+# structurally (their structure tags survive the transforms): no fallback, no
+# warning, exact.
 STRUCTURED_MODELS = {"remat": _remat, "layer_stack": _layer_stack, "scan": _scan,
-                     "vmap": _vmap}
+                     "vmap": _vmap, "vmap_layer_norm": _vmap_layer_norm,
+                     "vmap_conv": _vmap_conv}
 
 
 @pytest.mark.parametrize("kind", sorted(STRUCTURED_MODELS))

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from ntklayers import _bench as _timing
+from ntklayers.cli import _args
 
 METHODS = ("auto", "ntk_vp", "jacobian")
 
@@ -58,18 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", default="mlp",
                       choices=("mlp", "cnn", "transformer", "scanned_transformer"),
                       help="built-in Haiku model (default mlp: depth 4, width 512, N=32)")
-  parser.add_argument("--n", type=int, default=None,
+  parser.add_argument("--n", type=_args.number(int, 1), default=None,
                       help="batch size N (default: the model's, 32 / 16 / 16)")
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                       help="implementations to time (default: all three)")
-  parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
-  parser.add_argument("--budget", type=float, default=20.0,
+  parser.add_argument("--repeats", type=_args.number(int, 1), default=5,
+                      help="timed rounds (default 5)")
+  parser.add_argument("--budget", type=_args.number(float, 0.0), default=20.0,
                       help="seconds after which a slow method stops repeating (default 20)")
-
-
-def check(args: argparse.Namespace) -> None:
-  """Argument checks argparse cannot express; raises ValueError."""
-  if args.n is not None and args.n < 1:
-    raise ValueError(f"--n must be >= 1, got {args.n}")
-  if args.repeats < 1:
-    raise ValueError(f"--repeats must be >= 1, got {args.repeats}")

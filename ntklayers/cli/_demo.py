@@ -24,6 +24,9 @@ from ntklayers import _bench as _timing
 from ntklayers import datasets as _data
 from ntklayers import metrics as _metrics
 from ntklayers import metrics as _similarity
+from ntklayers.cli import _args
+
+DIGITS = 1797  # examples in scikit-learn's digits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +89,21 @@ def build_mlp(framework: str, width: int, depth: int, d_in: int, seed: int) -> D
     return DemoModel(lambda **o: ntk_nnx.ntk_fn(**o), model,
                      _size(nnx.state(model, nnx.Param)), "ntklayers.flax.nnx.Linear")
   raise ValueError(f"unknown framework {framework!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  count = _args.number(int, 1)
+  parser.add_argument("--framework", default="haiku", choices=("haiku", "linen", "nnx"),
+                      help="framework of the MLP (default haiku)")
+  parser.add_argument("--n", type=_args.number(int, 1, DIGITS, "the digits set has 1797 examples"),
+                      default=256, help="examples in the kernel (256; at most 1797)")
+  parser.add_argument("--width", type=count, default=256, help="hidden width (256)")
+  parser.add_argument("--depth", type=count, default=2, help="hidden layers (2)")
+  parser.add_argument("--n-compare", type=_args.number(int, 0), default=64,
+                      help="examples for the Jacobian baseline (64; 0 skips it)")
+  parser.add_argument("--repeats", type=count, default=3, help="timed calls (3)")
+  parser.add_argument("--seed", type=int, default=0, help="initialization seed (0)")
+  parser.add_argument("--out", default="ntk_demo", help="folder for the PNGs (ntk_demo)")
 
 
 def _size(tree: Any) -> int:

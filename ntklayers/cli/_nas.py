@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from typing import Any
 
 import numpy as np
 
 from ntklayers import _bench as _timing
 from ntklayers import datasets as _data
 from ntklayers.cli import _nas_space
+from ntklayers.cli import _args
 from ntklayers.cli import _stats
 
 SCORES = ("te_nas_kappa", "kappa", "trace_norm", "alignment")
@@ -41,30 +41,24 @@ class Row:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  count = _args.number(int, 1)
   parser.add_argument("--quick", action="store_true",
                       help="12 architectures, 2 seeds, 300 steps (a few minutes)")
-  parser.add_argument("--seeds", type=int, default=None,
+  parser.add_argument("--seeds", type=count, default=None,
                       help="training seeds per architecture (default 3; quick 2)")
-  parser.add_argument("--steps", type=int, default=None,
+  parser.add_argument("--steps", type=count, default=None,
                       help="training steps (default 400; quick 300)")
-  parser.add_argument("--probe", type=int, default=64,
-                      help="probe batch size for the scores (default 64)")
-  parser.add_argument("--repeats", type=int, default=3,
+  parser.add_argument("--probe", type=_args.number(int, 1, 1347, "the digits training split"),
+                      default=64, help="probe batch size for the scores (default 64)")
+  parser.add_argument("--repeats", type=count, default=3,
                       help="init seeds per score (default 3)")
   parser.add_argument("--markdown", default=None,
                       help="also write the tables as markdown to this file")
 
 
-def _check(args: argparse.Namespace) -> None:
-  for name in ("seeds", "steps", "probe", "repeats"):
-    value = getattr(args, name)
-    if value is not None and value < 1:
-      raise ValueError(f"--{name} must be >= 1, got {value}")
-
-
 def evaluate(space: list[_nas_space.Arch], *, seeds: int, steps: int, probe: int,
-             repeats: int, progress: bool = True) -> list[Row]:
-  """Scores, trains and evaluates every architecture (tqdm bar on stderr)."""
+             repeats: int, step: _args.Progress = lambda name: None) -> list[Row]:
+  """Scores, trains and evaluates every architecture (``step(name)`` before each)."""
   import ntklayers.nas  # pylint: disable=g-import-not-at-top
   x, labels = _data.load_digits()
   data = _data.split(x, labels, test_fraction=0.25, seed=0)
@@ -72,7 +66,8 @@ def evaluate(space: list[_nas_space.Arch], *, seeds: int, steps: int, probe: int
                                 repeats=repeats, seed=0, num_classes=10)
   recipe = _nas_space.Recipe(steps=steps)
   rows = []
-  for arch in _bar(space, progress):
+  for k, arch in enumerate(space):
+    step(f"{arch.name} ({k + 1}/{len(space)})")
     start = time.perf_counter()
     result = scorer(arch.fn)
     acc = _nas_space.train_accuracy(arch, data, list(range(seeds)), recipe)
@@ -82,14 +77,6 @@ def evaluate(space: list[_nas_space.Arch], *, seeds: int, steps: int, probe: int
                     result.reason if result.rejected else "", acc,
                     time.perf_counter() - start))
   return rows
-
-
-def _bar(items: list[Any], enabled: bool):
-  try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return items
-  return tqdm(items, desc="architectures", unit="arch", disable=None if enabled else True)
 
 
 def correlations(rows: list[Row]) -> dict[str, dict[str, _stats.Correlation]]:
@@ -121,14 +108,14 @@ def tables(rows: list[Row], corr: dict[str, dict[str, _stats.Correlation]]
   return ranking, table
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: argparse.Namespace, step: _args.Progress = lambda name: None) -> list[Row]:
   """``ntklayers nas``: prints the ranking and the correlations."""
-  _check(args)
   seeds = args.seeds or (2 if args.quick else 3)
   steps = args.steps or (300 if args.quick else 400)
   space = _nas_space.search_space(args.quick)
   start = time.perf_counter()
-  rows = evaluate(space, seeds=seeds, steps=steps, probe=args.probe, repeats=args.repeats)
+  rows = evaluate(space, seeds=seeds, steps=steps, probe=args.probe, repeats=args.repeats,
+                  step=step)
   ranking, table = tables(rows, correlations(rows))
   head = (f"digits (1,347 train / 450 held-out, stratified), {len(space)} architectures, "
           f"{seeds} training seeds x {steps} Adam steps (lr 3e-3, batch 128); scores on "
