@@ -26,8 +26,13 @@ def test_demo_writes_pngs_and_exits_zero(tmp_path, capsys):
   code = _cli.main(["demo", "--n", "12", "--width", "8", "--depth", "1",
                     "--n-compare", "4", "--repeats", "1", "--out", str(out)])
   assert code == 0
-  printed = capsys.readouterr().out
+  captured = capsys.readouterr()
+  printed = captured.out
   assert "NTK shape (12, 12, 10, 10)" in printed and "condition number" in printed
+  # stderr is not a terminal here: one line per finished step instead of a bar.
+  steps = [line for line in captured.err.splitlines() if line.startswith("ntklayers demo: [")]
+  assert [line.split("] ")[0] for line in steps] == [f"ntklayers demo: [{k}/6" for k in
+                                                      range(1, 7)], captured.err
   for name in ("ntk_heatmap.png", "ntk_spectrum.png"):
     with open(out / name, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -38,6 +43,11 @@ def test_demo_writes_pngs_and_exits_zero(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["demo", "--n", "0"], "argument --n: must be >= 1, got 0"),
+    (["demo", "--n", "5000"], "argument --n: must be <= 1797 (the digits set has 1797 "
+                              "examples), got 5000"),
+    (["bench", "--n", "-3"], "argument --n: must be >= 1, got -3"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["nas", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
     (["demo", "--framework", "torch"], "invalid choice: 'torch'"),
     (["demo", "--width", "wide"], "expected int, got 'wide'"),
     (["bench", "--model", "resnet"], "invalid choice: 'resnet'"),
@@ -53,11 +63,13 @@ def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
 
 
 def test_runtime_error_exits_1_with_one_line(tmp_path, capsys):
-  assert _cli.main(["demo", "--n", "5000", "--out", str(tmp_path)]) == 1
-  err = capsys.readouterr().err
-  assert err == "ntklayers demo: error: `n` must be an int in [1, 1797], got 5000.\n"
-  assert _cli.main(["bench", "--repeats", "0"]) == 1
-  assert "--repeats must be >= 1" in capsys.readouterr().err
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  assert _cli.main(["demo", "--n", "8", "--width", "4", "--depth", "1", "--n-compare", "0",
+                    "--repeats", "1", "--out", str(blocker)]) == 1
+  errors = [line for line in capsys.readouterr().err.splitlines()
+            if not line.startswith("ntklayers demo: [")]
+  assert len(errors) == 1 and errors[0].startswith("ntklayers demo: error: "), errors
 
 
 def test_bench_prints_the_table(capsys):

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ntklayers._core._axes import OutputSpec
+from ntklayers._core import OutputSpec
 
 FULL, UPPER, DIAGONAL = "full", "upper", "diagonal"
 
