@@ -48,7 +48,8 @@ class KernelFunction:
     key, params, rest = self._split(model)
     _checks.check_pair(x1, x2)
     dynamic, static = split_kwargs(model_kwargs)
-    result = _jitted(self._build, key, self._options, static, params, rest, x1, x2, dynamic)
+    result = _jitted_kernel(self._build, key, self._options, static, params, rest, x1, x2,
+                            dynamic)
     self.fallback = tuple(dict.fromkeys(self.fallback + result.fallback))
     return checked(result, self._warned)
 
@@ -73,7 +74,7 @@ def make_kernel_fn(build: Build, split: Split, options: Options, doc: str) -> Ke
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _jitted(build: Build, key: Any, options: Options, static: StaticKwargs, params: Any,
+def _jitted_kernel(build: Build, key: Any, options: Options, static: StaticKwargs, params: Any,
             rest: Any, x1: Any, x2: Any, dynamic: list):
   """One compiled kernel per model (``build``, ``key``), options, static model
   kwargs and input shapes, shared by every kernel function with the same model

@@ -1,6 +1,6 @@
 """``ntklayers nas``: do NTK scores at init predict trained accuracy on digits?
 
-Every architecture of :func:`ntklayers.nas._space.search_space` is scored at
+Every architecture of :func:`ntklayers.cli._nas_space.search_space` is scored at
 initialization on a probe batch of training digits by
 :class:`ntklayers.nas.Scorer` (TE-NAS κ, full-NTK κ, trace norm, centered label
 alignment; ``repeats`` init seeds), trained under one fixed recipe for several

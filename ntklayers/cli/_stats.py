@@ -49,7 +49,7 @@ def bootstrap(stat, a: np.ndarray, b: np.ndarray, *, samples: int = 1000,
 
   Example:
     >>> import numpy as np
-    >>> from ntklayers.nas._stats import bootstrap, kendall_tau
+    >>> from ntklayers.cli._stats import bootstrap, kendall_tau
     >>> c = bootstrap(kendall_tau, np.arange(10.), np.arange(10.) ** 2)
     >>> round(c.value, 6), round(c.low, 6), round(c.high, 6)
     (1.0, 1.0, 1.0)

@@ -228,7 +228,7 @@ class Scorer:
 
     Args:
       candidates: a sequence (keys are indices) or a mapping ``{key: candidate}``.
-      by: the score to sort by (in ``self.scores``): lowest first for the ``κ``s,
+      by: the score to sort by (in ``self.scores``): lowest first for the ``κ`` scores,
         highest first for the others (:data:`HIGHER_IS_BETTER`); ties keep order.
       progress: show a ``tqdm`` progress bar.
       kind: the kind of every candidate (default: detected per candidate).
