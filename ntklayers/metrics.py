@@ -5,7 +5,10 @@ as a matrix by one rule (see :func:`flatten`): ``[N1, N2, O, O] -> [N1·O, N2·O
 with row ``n·O + o``, ``[N1, N2]`` as is, ``[N1, N2, A, A, C, C] -> [N1·A·C,
 N2·A·C]``. Diagonal layouts (``diagonal_axes``) are accepted by :func:`trace` and
 :func:`relative_change` only. :func:`lambda_max_matrix_free` gets ``λmax``
-without forming the kernel.
+without forming the kernel. Every metric of a kernel with a NaN or an inf is
+NaN; every metric but :func:`max_stable_lr` (and the reshape :func:`flatten`)
+takes a ``layerwise=True`` dict and returns a dict. :func:`max_stable_lr` knows
+mean squared error and softmax cross-entropy (``loss=``).
 
 Example:
   >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers, ntklayers.metrics as nm
@@ -20,13 +23,13 @@ Example:
 from ntklayers._lanczos import lambda_max_matrix_free
 from ntklayers._lanczos import lanczos_lambda_max
 from ntklayers._lanczos import ntk_matvec
+from ntklayers._losses import max_stable_lr
 from ntklayers._metrics import condition_number
 from ntklayers._metrics import effective_rank
 from ntklayers._metrics import eigvalsh
 from ntklayers._metrics import flatten
 from ntklayers._metrics import lambda_max
 from ntklayers._metrics import lambda_min
-from ntklayers._metrics import max_stable_lr
 from ntklayers._metrics import trace
 from ntklayers._similarity import alignment
 from ntklayers._similarity import relative_change
