@@ -46,6 +46,8 @@ class Request:
   static: StaticKwargs
   mesh: Mesh
   same: bool  # x2 is x1
+  rest: tuple[int, ...] = ()  # the output shape but the batch axis, on the whole batch
+  batch: int = dataclasses.field(default=0, compare=False)  # N1, for messages
 
   def model(self, dynamic: list) -> Callable:
     return with_kwargs(self.f, self.static.merge(dynamic))
@@ -84,6 +86,17 @@ def _interacting() -> InteractingExamplesError:
       "is_training=False).")
 
 
+def batch_dependent(req: Request, rest: tuple, tile: Any) -> InteractingExamplesError:
+  """The error for a model whose output shape depends on the batch size."""
+  b = jax.tree.leaves(tile)[0].shape[0]
+  return InteractingExamplesError(
+      f"ntk_blocked: the output shape of `f` depends on the batch size: `f` returned "
+      f"{[req.batch, *req.rest]} for `x1` ({req.batch} examples) but {[b, *rest]} for a "
+      f"tile of {b} examples (`block_size`), so its kernel is not made of blocks. Make "
+      f"every output axis but the first independent of the batch size, or compute the "
+      f"kernel whole with ntklayers.ntk_fn.")
+
+
 def _capture_one(req: Request, params: Any, tile: Any, peer: Any, dynamic: list):
   """The factors of one tile (``params`` left out: they are passed to every round)."""
   f = req.model(dynamic)
@@ -94,6 +107,8 @@ def _capture_one(req: Request, params: Any, tile: Any, peer: Any, dynamic: list)
                   diagonal_batch=options.diagonal_batch)
   if setup.mode == _replay.COUPLED:
     raise _interacting()
+  if tuple(setup.out_rest) != req.rest:
+    raise batch_dependent(req, setup.out_rest, tile)
   c = capture_with(setup, params, tile)
   # NaN or inf factors fail the row checks; they are not interaction: the kernel
   # carries them and warns.

@@ -65,13 +65,15 @@ def unblocked(x2: str | None = None, trace_axes=(), diagonal_axes=()) -> np.ndar
 
 
 def logged_pairs(path) -> list[tuple[int, int]]:
-  """The finished blocks of every process's log of ``path``, in order."""
+  """The finished blocks of every process's log of ``path``, in order (lines
+  ``<run id> <i> <j> <block crc> <line crc>``; a torn last line is skipped)."""
   pairs = []
   for k in range(8):
     log = f"{path}.ntk.p{k}.log"
     if os.path.exists(log):
       with open(log, encoding="ascii") as fh:
-        pairs += [tuple(int(v) for v in line.split()) for line in fh if line.endswith("\n")]
+        pairs += [(int(line.split()[1]), int(line.split()[2])) for line in fh
+                  if line.endswith("\n")]
   return pairs
 
 
