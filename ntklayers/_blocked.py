@@ -250,17 +250,20 @@ def _check_independent(req: Request, params: Any, x1: Any, x2: Any, dynamic: lis
   agree on ``J^T u``) not to interact."""
   for x in (x1,) if x2 is None else (x1, x2):
     n = jax.tree.leaves(x)[0].shape[0]
-    if n <= b:
+    if n == b:  # one tile, the batch itself
       continue
     tile = jax.tree.map(lambda a: a[:b], x)
     if rows_proven(req, params, (tile,), dynamic):
       continue
     if not check_tiling(req.model(dynamic), params, x, b):
+      other = (f"that on a tile of {b + 1}" if n > b else
+               f"that on the batch of {n} alone (a tile pads it with copies of its "
+               f"last example)")
       raise InteractingExamplesError(
-          f"ntk_blocked: the model's examples interact (its parameter Jacobian on a "
-          f"tile of {b} examples differs from that on a tile of {b + 1}: e.g. a batch "
-          f"mean, a roll over the batch, or batch-size dependence), so the kernel "
-          f"cannot be cut into blocks; compute it with ntklayers.ntk_fn.")
+          f"ntk_blocked: the model's examples interact (its parameter Jacobian on "
+          f"tiles of {b} examples differs from {other}: e.g. a batch mean, a softmax "
+          f"over the batch, a roll, or batch-size dependence), so the kernel cannot be "
+          f"cut into blocks; compute it with ntklayers.ntk_fn.")
 
 
 def _mask_key(options: Options, params: Any) -> tuple:

@@ -25,6 +25,7 @@ rules (their primal programs are covered).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,7 +84,8 @@ def _values(obj: Any, seen: set[int]) -> Iterator[Any]:
 def program_digest(closed: Any) -> str:
   """A SHA-256 digest of a ``ClosedJaxpr``: its text and every value it holds
   (constants of it and of nested closed jaxprs, literals, array parameters)."""
-  h = hashlib.sha256(str(closed).encode())
+  text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))  # no process-specific addresses
+  h = hashlib.sha256(text.encode())
   for value in _values(closed, set()):
     h.update(b"|")
     h.update(_leaf_bytes(value) if hasattr(value, "shape") else repr(value).encode())

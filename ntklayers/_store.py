@@ -171,6 +171,7 @@ class NpyStore:
     """Checks the header and size, verifies every logged block against the bytes,
     rewrites logs that hold anything else; warns about what is recomputed."""
     size, full = files.check_npy(self.path, self.layout)
+    files.remove_log_temporaries(self.path)  # of a rewrite killed half-way
     if size < full:
       os.truncate(self.path, full)  # the lost tail reads as zeros: fails its checksums
     logs = self._logs()

@@ -70,6 +70,11 @@ def remove_logs(path: str) -> None:
     _remove(name)
 
 
+def remove_log_temporaries(path: str) -> None:
+  for name in glob.glob(glob.escape(path) + ".ntk.p*.log.tmp"):
+    _remove(name)
+
+
 def _remove(name: str) -> None:
   try:
     os.remove(name)

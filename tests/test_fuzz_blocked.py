@@ -14,7 +14,7 @@ batch, float64, ``rel_err <= 1e-10`` against ``max|K|``), or:
   alone);
 - the documented refusal of ``out=`` with the batch axis traced.
 
-* ``test_fuzz_blocked``: 2 fixed examples and 5 drawn, ``derandomize=True``
+* ``test_fuzz_blocked``: 3 fixed examples and 5 drawn, ``derandomize=True``
   (about 60 s on one core);
 * ``test_fuzz_blocked_slow`` (``@pytest.mark.slow``): 300 examples from
   ``@seed(SLOW_SEED)``.
@@ -140,12 +140,19 @@ EXAMPLES = (  # the batch axis traced with x2, and per-example kernels to a file
                      ("linear", 2, False), 5, 5, (0, -1), (), ("no_biases",), False), 2, False),
     BlockedSpec(Spec("seq", (("conv1d", 3, 2, False), ("batchnorm", False), ("pool",)),
                      ("hk_linear", 2, False), 5, None, (), (0,), ("all",), False), 3, True),
+    # Found by the slow run: x1 (3 examples) padded to the tile of 4 of x2, which a
+    # softmax over the batch sees; the kernel was 7 % off, now refused.
+    BlockedSpec(Spec("vec", (("batch_softmax",), ("shared_twice",), ("unflatten", 2)),
+                     ("hk_linear", 1, False), 3, 4, (), (),
+                     ("leaves", (True, False, False, True, True, False, False, False)),
+                     False), 4, True),
 )
 
 
 @settings(max_examples=5, derandomize=True, **_SETTINGS)
 @example(bspec=EXAMPLES[0])
 @example(bspec=EXAMPLES[1])
+@example(bspec=EXAMPLES[2])
 @given(bspec=blocked_specs())
 def test_fuzz_blocked(tmp_path, bspec):
   check(bspec, tmp_path)
