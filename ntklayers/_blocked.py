@@ -160,7 +160,7 @@ def _blocked(f: Callable, params: Any, x1: Any, x2: Any, *, block_size: int | No
   def block_bytes(b: int) -> int:
     return inner * (b if kind == T.DIAGONAL else b * b)
 
-  path = None if out is None else os.fspath(out)
+  path = None if out is None else _check_out(out)
   recorded = None if path is None else _store.read_request(path)
   if block_size is None and recorded is not None:
     block_size = int(recorded["block_size"])
@@ -224,6 +224,21 @@ def _trace(req: Request, params: Any, dynamic: list, x1: Any, x2: Any) -> tuple[
         f"{list(outs[0].shape)} for `x1` and {list(outs[1].shape)} for `x2`; the kernel "
         f"needs outputs that agree in every axis but the first.")
   return closed, outs[0]
+
+
+def _check_out(out: str | os.PathLike) -> str:
+  """``out`` as a path whose directory exists and that is not a directory."""
+  path = os.fspath(out)
+  if not isinstance(path, str):
+    raise TypeError(f"`out` must be a path (str or os.PathLike), got {out!r}.")
+  if os.path.isdir(path):
+    raise ValueError(f"`out`={path!r} is a directory; pass the path of a file in it, "
+                     f"e.g. {os.path.join(path, 'kernel.npy')!r}.")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"`out`={path!r}: the directory {folder!r} does not exist; "
+                            f"create it first.")
+  return path
 
 
 def _open_store(path: str, shape: tuple, dtype: Any, request: dict, kind: str,
@@ -308,6 +323,7 @@ def ntk_trace(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
     >>> round(t / float(ntklayers.metrics.trace(K)), 5)
     1.0
   """
+  _checks.check_batch(x, "x")
   diag = _blocked(f, params, x, None, block_size=block_size, max_memory=max_memory,
                   out=None, progress=progress, model_kwargs=model_kwargs, trace_axes=(),
                   diagonal_axes=None, implementation=implementation, trainable=trainable,

@@ -260,3 +260,14 @@ def test_result_is_a_standard_npy(done):
   k = np.load(done, mmap_mode="r")
   assert isinstance(k, np.memmap) and k.shape == (N, N, 3, 3)
   assert_rel_close(np.asarray(k), expected(), TOL64)
+
+
+# ------------------------------------------------------------- out paths ---
+
+
+def test_out_in_a_missing_directory_or_a_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"the directory .*nodir' does not exist"):
+    run(tmp_path / "nodir" / "k.npy")
+  with pytest.raises(ValueError, match=r"is a directory; pass the path of a file in it"):
+    run(tmp_path)
+  assert not os.listdir(tmp_path)
