@@ -25,6 +25,7 @@ Glossary of shapes: ``N`` examples, ``C`` classes (outputs per example), ``M = N
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -70,8 +71,8 @@ def label(loss: str, is_default: bool = False) -> str:
   where = " at the current logits" if loss in CROSS_ENTROPY else ""
   note = ""
   if is_default:
-    note = (", the default: pass loss='softmax_cross_entropy' (or another of "
-            f"{LOSSES[1:]}) if you train with another loss")
+    note = (", the default: name the loss you train with, e.g. "
+            "loss='softmax_cross_entropy'")
   return f"{kind} bound of {formula}{where} (loss={loss!r}{note})"
 
 
@@ -110,6 +111,18 @@ def _logits(outputs: Any, K: jax.Array, fn: str) -> jax.Array:
         f"`{fn}`: `outputs` of shape {out.shape} do not match the kernel's shape "
         f"{K.shape}: logits [N, C] go with the full kernel [N, N, C, C].")
   return out.astype(K.dtype)
+
+
+def _check_outputs(shape: Sequence[int], K: jax.Array, m: int, fn: str) -> None:
+  """MSE: outputs, when given, must be the kernel's (catches a traced kernel)."""
+  n = K.shape[0]
+  if len(shape) >= 1 and shape[0] == n and math.prod(shape) == m:
+    return
+  hint = (" (a kernel computed with `trace_axes` averages over the outputs and its "
+          "bound is not the model's: pass the full kernel)"
+          if len(shape) >= 1 and shape[0] == n and K.ndim == 2 else "")
+  raise ValueError(f"`{fn}`: `outputs` of shape {tuple(shape)} do not match the kernel's "
+                   f"shape {K.shape}{hint}.")
 
 
 def factor(logits: jax.Array, loss: str) -> jax.Array:
@@ -158,6 +171,8 @@ def kernel_bound(K: ArrayLike, loss: str, outputs: Any, fn: str,
   mat = _metrics._square(K, diagonal_axes, fn)
   n, m = K.shape[0], mat.shape[0]
   if loss in MSE:
+    if outputs is not None:
+      _check_outputs(jnp.shape(outputs), K, m, fn)
     lam = _metrics.eigen(mat)[-1]
     return lam, from_lambda(lam, loss, n, m)
   logits = _logits(outputs, K, fn)
@@ -238,7 +253,9 @@ def max_stable_lr(K: ArrayLike, *, loss: str = "mean", outputs: ArrayLike | None
     loss: one of ``"mean"``, ``"sum"``, ``"elementwise_mean"``,
       ``"softmax_cross_entropy"``, ``"softmax_cross_entropy_sum"``.
     outputs: logits ``[N, C]`` of the model at the current params on the kernel's
-      batch; required for cross-entropy, ignored for MSE.
+      batch; required for cross-entropy. For MSE optional, and only checked
+      against the kernel's shape (outputs ``[N, O]`` with an ``[N, N]`` kernel:
+      a ``trace_axes`` kernel, refused).
     diagonal_axes: must be empty (see :func:`flatten`).
 
   Returns:
@@ -246,8 +263,9 @@ def max_stable_lr(K: ArrayLike, *, loss: str = "mean", outputs: ArrayLike | None
     ``outputs`` is not finite).
 
   Raises:
-    ValueError: unknown ``loss``; cross-entropy without ``outputs`` or with
-      shapes that do not match; a layerwise dict; a diagonal layout.
+    ValueError: unknown ``loss``; cross-entropy without ``outputs``; ``outputs``
+      whose shape does not match the kernel's; a layerwise dict; a diagonal
+      layout.
 
   References:
     Lee et al., "Wide neural networks of any depth evolve as linear models under

@@ -112,8 +112,11 @@ def test_refusals():
     nm.max_stable_lr(K, loss=CE, outputs=jnp.zeros((4, 4)))
   with pytest.raises(ValueError, match=r"`outputs`.*\[N, C\].*\(4, 3, 1\)"):
     nm.max_stable_lr(K, loss=CE, outputs=jnp.zeros((4, 3, 1)))
-  with pytest.raises(ValueError, match="trace_axes"):  # a traced [N, N] kernel
-    nm.max_stable_lr(jnp.eye(4), loss=CE, outputs=jnp.zeros((4, 3)))
+  for loss in (CE, "mean"):  # a traced [N, N] kernel of a model with 3 outputs
+    with pytest.raises(ValueError, match="trace_axes"):
+      nm.max_stable_lr(jnp.eye(4), loss=loss, outputs=jnp.zeros((4, 3)))
+  with pytest.raises(ValueError, match=r"`outputs`.*\(4, 2\).*\(4, 4, 3, 3\)"):
+    nm.max_stable_lr(K, outputs=jnp.zeros((4, 2)))
   for bad in ("cross_entropy", "mse", "l1", None):
     with pytest.raises(ValueError, match="`loss`.*softmax_cross_entropy"):
       nm.max_stable_lr(K, loss=bad)
