@@ -86,7 +86,7 @@ def full_request(request: dict[str, Any], shape: tuple[int, ...], dtype: Any) ->
 def check_request(path: str, recorded: dict, request: dict) -> None:
   """Refuses a sidecar that records a request other than ``request`` (of
   :func:`full_request`), naming each field that differs and every file to remove."""
-  differ = sorted(k for k in (set(recorded) | set(request)) - {"run"}
+  differ = sorted(k for k in (set(recorded) | set(request)) - {"run", "blocks"}
                   if recorded.get(k) != request.get(k))
   if differ:
     shown = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {request.get(k)!r}"
@@ -95,6 +95,19 @@ def check_request(path: str, recorded: dict, request: dict) -> None:
         f"`out`={path!r} holds a partial kernel of a different request ({shown}). "
         f"Resume with the same model, params, inputs and options, or "
         f"{files.start_over(path, 'remove')}")
+
+
+def progress(path: str) -> tuple[int, int] | None:
+  """``(finished, total)`` blocks of the ``ntk_blocked(out=path)`` file by its logs
+  (lines of its run; bytes not re-read), ``None`` if ``path`` has no sidecar. For
+  readers of a kernel file: fewer finished than total means an unfinished kernel
+  (its missing blocks read as zeros)."""
+  record = read_request(path)
+  if record is None:
+    return None
+  done = {pair for name in files.log_names(path)
+          for _, pair, _ in files.Log.read(name, record["run"], None).lines}
+  return len(done), int(record.get("blocks", -1))
 
 
 class NpyStore:
@@ -153,7 +166,7 @@ class NpyStore:
   def _create(self) -> None:
     files.remove_logs(self.path)  # stale logs of an earlier request never count
     self.run = secrets.token_hex(8)
-    files.write_sidecar(self.path, dict(self.request, run=self.run))
+    files.write_sidecar(self.path, dict(self.request, run=self.run, blocks=len(self.pairs)))
     self._create_npy()
 
   def _create_npy(self) -> None:
@@ -256,11 +269,10 @@ class NpyStore:
     """Makes the written blocks durable, then logs them (in that order)."""
     if not self._pending:
       return
+    pending, self._pending = self._pending, []  # interrupted below: never logged twice
     os.fsync(self._fd)
-    self._append(b"".join(files.log_line(self.run, pair, crc)
-                          for pair, crc in self._pending))
-    self.done.update(pair for pair, _ in self._pending)
-    self._pending.clear()
+    self._append(b"".join(files.log_line(self.run, pair, crc) for pair, crc in pending))
+    self.done.update(pair for pair, _ in pending)
 
   def _append(self, lines: bytes) -> None:
     files.write_all(self._log_fd, lines)  # one write: O_APPEND, whole lines

@@ -279,14 +279,15 @@ class Log:
   torn: bool
 
   @classmethod
-  def read(cls, name: str, run: str, pairs: frozenset) -> "Log":
+  def read(cls, name: str, run: str, pairs: frozenset | None) -> "Log":
+    """The log ``name`` (``pairs``: the schedule; ``None`` accepts any pair)."""
     with open(name, "rb") as fh:
       data = fh.read()
     *complete, tail = data.split(b"\n")
     lines, dropped = [], 0
     for line in complete:
       parsed = _parse(line, run)
-      if parsed is None or parsed[0] not in pairs:
+      if parsed is None or (pairs is not None and parsed[0] not in pairs):
         dropped += 1
       else:
         lines.append((line + b"\n", parsed[0], parsed[1]))

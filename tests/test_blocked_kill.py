@@ -10,8 +10,10 @@ write. Every resumed run must finish a file byte-identical to an uninterrupted
 one, log every block exactly once, and warn about nothing (the workers run with
 ``-W error``: a kill is not damage).
 
-``test_ntk_blocked_kill9_at_random_points`` (slow) does the same end to end:
-``ntk_blocked`` in ``tests/blocked_worker.py``, killed 20 times at random blocks.
+End to end (``ntk_blocked`` in ``tests/blocked_worker.py``): a run interrupted by
+SIGKILL or SIGINT after 2 blocks and resumed writes the same bytes as an
+uninterrupted one; ``test_ntk_blocked_kill9_at_random_points`` (slow) kills it 20
+times at random blocks.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ import time
 import numpy as np
 import pytest
 
+import blocked_procs as procs
 import blocked_store_worker as sw
+import blocked_worker as worker
+import ntklayers
+from reference import TOL64, assert_rel_close
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STORE_WORKER = os.path.join(REPO, "tests", "blocked_store_worker.py")
-WORKER = os.path.join(REPO, "tests", "blocked_worker.py")
+STORE_WORKER = os.path.join(procs.REPO, "tests", "blocked_store_worker.py")
 TIMEOUT = 120
 N, B = 30, 4  # 8 tiles: 36 blocks (28 with a mirror image), 18 rounds
 PAUSE = 0.006
@@ -52,16 +56,10 @@ def logged(path) -> list[tuple[int, int]]:
   return pairs
 
 
-def _env() -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
-  return env
-
-
 def _start(path, **args) -> subprocess.Popen:
   argv = json.dumps(dict(out=str(path), n=N, b=B, pause=PAUSE) | args)
-  return subprocess.Popen([sys.executable, "-W", "error", STORE_WORKER, argv], cwd=REPO,
-                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  return subprocess.Popen([sys.executable, "-W", "error", STORE_WORKER, argv], cwd=procs.REPO,
+                          env=procs.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
 
@@ -153,44 +151,120 @@ def test_kill9_at_each_point(tmp_path, reference, die):
   _check_resumed(path, reference[0])
 
 
+def test_interrupt_after_logging_does_not_log_twice(tmp_path):
+  """A KeyboardInterrupt right after a round's lines are logged (while the log is
+  fsync'd): closing the store must not log them again."""
+  store_mod = sw.load_store()
+
+  class Interrupted(store_mod.NpyStore):
+    def _append(self, lines):
+      super()._append(lines)
+      raise KeyboardInterrupt
+
+  path = str(tmp_path / "k.npy")
+  store = Interrupted(path, (N, N, *sw.INNER), np.float64, sw.request(N, B),
+                      sw.regions(N, B), sw.schedule(N, B))
+  store.create_or_check()
+  store.open()
+  pair = sw.schedule(N, B)[0]
+  store.put(pair, [(sw.regions(N, B)(pair)[0], sw.block(N, B, pair))])
+  with pytest.raises(KeyboardInterrupt):
+    try:
+      store.commit()
+    finally:
+      store.close()
+  assert logged(path) == [pair]
+
+
 # ------------------------------------------------------------- end to end ---
 
 
 KILL_N, KILL_B = 24, 2  # 12 tiles: 78 blocks, in rounds of 2 (2 devices)
+KILL_BLOCKS = procs.upper_pairs(KILL_N // KILL_B)
 
 
-def _worker(path, slow: float = 0.0) -> subprocess.Popen:
-  args = dict(out=str(path), n=KILL_N, block_size=KILL_B, devices=2, slow=slow)
-  return subprocess.Popen([sys.executable, "-W", "error::RuntimeWarning", WORKER, "write",
-                           json.dumps(args)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+def _write(path, slow: float = 0.0, strict: bool = False):
+  """``ntk_blocked`` of ``blocked_worker``'s model into ``path`` (``strict``: a
+  RuntimeWarning, e.g. of a repair, is an error)."""
+  return procs.start("write", python_args=("-W", "error::RuntimeWarning") if strict else (),
+                     out=str(path), n=KILL_N, block_size=KILL_B, devices=2, slow=slow)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """``get() -> path`` of a kernel file written by an uninterrupted worker, started
+  once per module and waited for when first needed (it runs beside the first
+  interrupted worker)."""
+  path = tmp_path_factory.mktemp("uninterrupted") / "k.npy"
+  proc = _write(path)
+  done = []
+
+  def get():
+    if not done:
+      procs.finish(proc)
+      done.append(True)
+    return path
+
+  yield get
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
+
+
+def _interrupt(path, sig: int, logged_before: int = 2) -> list[tuple[int, int]]:
+  """Runs a slowed-down worker writing ``path`` and sends it ``sig`` once
+  ``logged_before`` blocks are logged; returns the blocks logged before it died."""
+  proc = _write(path, slow=0.02)
+  deadline = time.monotonic() + procs.TIMEOUT
+  try:
+    while len(procs.logged_pairs(path)) < logged_before:
+      assert proc.poll() is None, ("worker exited before the blocks were logged",
+                                   proc.communicate()[1][-3000:])
+      assert time.monotonic() < deadline, "no block logged in time"
+      time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = procs.wait(proc)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode != 0, "the worker finished before the signal"
+  if sig == signal.SIGKILL:
+    assert proc.returncode == -signal.SIGKILL
+  else:
+    assert "KeyboardInterrupt" in err, err[-3000:]
+  assert os.path.exists(f"{path}.ntk.p0.log") or not logged_before
+  return procs.logged_pairs(path)
+
+
+def _resumed(path, before: list, reference) -> None:
+  """Resumes ``path`` (warning about nothing): byte-identical to ``reference``, the
+  earlier lines kept, every block logged once."""
+  procs.finish(_write(path, strict=True))
+  after = procs.logged_pairs(path)
+  assert after[:len(before)] == before  # the resumed run only appended
+  counts = collections.Counter(after)
+  assert set(counts) == KILL_BLOCKS and set(counts.values()) == {1}  # no block twice
+  assert filecmp.cmp(path, reference, shallow=False)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_resume_after_interrupt_is_byte_identical(tmp_path, uninterrupted, sig):
+  path = tmp_path / "k.npy"
+  before = _interrupt(path, sig)
+  assert 2 <= len(before) < len(KILL_BLOCKS), len(before)  # killed mid-run
+  _resumed(path, before, uninterrupted())
+  f, p, x, _ = worker.problem(KILL_N)
+  assert_rel_close(np.load(path), ntklayers.ntk(f, p, x), TOL64)
 
 
 @pytest.mark.slow
-def test_ntk_blocked_kill9_at_random_points(tmp_path):
+def test_ntk_blocked_kill9_at_random_points(tmp_path, uninterrupted):
   """``ntk_blocked`` killed 20 times, each after a random number of logged blocks
-  plus a random delay, then resumed: every file byte-identical to an
-  uninterrupted one (about 4 minutes on 2 cores)."""
-  ref = tmp_path / "ref.npy"
-  proc = _worker(ref)
-  _, err = _wait(proc)
-  assert proc.returncode == 0, err[-3000:]
+  (0 to 70 of 78), then resumed: every file byte-identical to an uninterrupted
+  one (about 4 minutes on 2 cores)."""
   rng = random.Random(SEED)
   for run in range(KILLS):
     path = tmp_path / f"run{run}.npy"
-    proc = _worker(path, slow=0.01)
-    target = rng.randrange(0, 70)
-    deadline = time.monotonic() + TIMEOUT
-    while len(logged(path)) < target and proc.poll() is None:
-      assert time.monotonic() < deadline
-      time.sleep(0.005)
-    time.sleep(rng.uniform(0, 0.05))
-    proc.send_signal(signal.SIGKILL)
-    _, err = _wait(proc)
-    assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
-    proc = _worker(path)
-    _, err = _wait(proc)
-    assert proc.returncode == 0, err[-3000:]
-    assert filecmp.cmp(path, ref, shallow=False), run
-    counts = collections.Counter(logged(path))
-    assert set(counts.values()) == {1} and len(counts) == 78
+    before = _interrupt(path, signal.SIGKILL, logged_before=rng.randrange(0, 70))
+    _resumed(path, before, uninterrupted())
