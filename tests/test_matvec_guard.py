@@ -84,7 +84,7 @@ def test_batch_size_and_position_dependence_is_refused(name, jit):
   f = _batch_size_models()[name]
   _, params, x = _built("mlp")
   call = _calls(f)["lambda_jit" if jit else "lambda_eager"]
-  with pytest.raises(ntklayers.InteractingExamplesError, match="not proven"):
+  with pytest.raises(ntklayers.InteractingExamplesError):
     call(params, x)
 
 
