@@ -14,8 +14,19 @@ matrix-free ``ntklayers.metrics.ntk_matvec``, or a kernel on disk from
 ``ntklayers.ntk_blocked(..., out=path)`` multiplied in row blocks):
 
 * :func:`gradient_descent_mse_matrix_free` and :func:`gp_inference_matrix_free`;
-* the solvers behind them, :func:`cg` and :func:`lanczos_apply`, which report
+* the solvers behind them, :func:`cg` (optionally preconditioned by a
+  :class:`NystromPreconditioner`) and :func:`lanczos_apply`, which report
   iterations and achieved residuals in a :class:`SolveInfo`.
+
+For example, ``t = inf`` predictions from a train kernel on disk::
+
+  ntklayers.ntk_blocked(f, params, x_train, out="k.npy", max_memory="2GiB")
+  k_test_train = ntklayers.ntk_blocked(f, params, x_test, x_train)
+  predict_fn = ntklayers.predict.gradient_descent_mse_matrix_free(
+      "k.npy", y_train, trace_axes=(), tol=1e-6, preconditioner_rank=400)
+  fx_train, fx_test = predict_fn(None, f(params, x_train), f(params, x_test),
+                                 k_test_train)
+  predict_fn.info  # [SolveInfo(method='cg', iterations=..., residual=...)]
 
 Layouts: for outputs ``[N, O]``, a kernel ``[N, N]`` goes with
 ``trace_axes=(-1,)`` (the default, as in neural-tangents) and the full
@@ -43,6 +54,7 @@ from ntklayers.predict._mse import max_learning_rate
 from ntklayers.predict._ode import ODEState
 from ntklayers.predict._ode import gradient_descent
 from ntklayers.predict._operators import KernelOperator
+from ntklayers.predict._precondition import NystromPreconditioner
 from ntklayers.predict._solvers import ConvergenceWarning
 from ntklayers.predict._solvers import SolveInfo
 from ntklayers.predict._solvers import cg
@@ -55,6 +67,7 @@ __all__ = (
     "MatrixFreeGP",
     "MatrixFreeMSE",
     "NotPositiveSemidefiniteError",
+    "NystromPreconditioner",
     "ODEState",
     "SolveInfo",
     "cg",

@@ -19,6 +19,7 @@ from ntklayers.predict import _checks as C
 from ntklayers.predict._gp import Gaussian, canonicalize_get, pack
 from ntklayers.predict._layout import Axes, Layout, first_field, get_field, has_field, shape_str
 from ntklayers.predict._operators import KernelOperator, _npy_header, as_operator
+from ntklayers.predict._precondition import NystromPreconditioner
 from ntklayers.predict._solvers import SolveInfo, cg, lanczos_apply
 
 
@@ -63,7 +64,7 @@ class _Shape:
 
 
 def _train_operator(layout: Layout, k: Any, name: str) -> KernelOperator:
-  op = as_operator(k, name)
+  op = as_operator(k, name, symmetric=True)
   if op.shape != (layout.m, layout.m):
     raise ValueError(f"`{name}` is {shape_str(op.shape)} once flattened, expected "
                      f"[{layout.m}, {layout.m}]: {layout.hint()}.")
@@ -74,6 +75,12 @@ def _shift(op: KernelOperator, diag_reg: float, absolute: bool) -> float:
   if diag_reg == 0:
     return 0.0
   return diag_reg if absolute else diag_reg * op.trace() / op.dim
+
+
+def _check_rank(rank: Any) -> int:
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+    raise ValueError(f"`preconditioner_rank` must be an int >= 0, got {rank!r}.")
+  return int(rank)
 
 
 def _key(*arrays: np.ndarray) -> str:
@@ -88,8 +95,10 @@ class _Solves:
   """CG / Lanczos on one operator, with the last few results cached by right-hand side."""
 
   def __init__(self, op: KernelOperator, shift: float, tol: float, maxiter: int | None,
-               progress: bool | None):
+               progress: bool | None, rank: int):
     self.op, self.shift, self.tol, self.maxiter, self.progress = op, shift, tol, maxiter, progress
+    self.rank = rank
+    self.preconditioner: NystromPreconditioner | None = None
     self.cache: dict[str, Any] = {}
     self.info: list[SolveInfo] = []
 
@@ -102,8 +111,12 @@ class _Solves:
   def solve(self, b: np.ndarray) -> np.ndarray:
     key = "cg" + _key(b)
     if key not in self.cache:
+      if self.rank and self.preconditioner is None:
+        self.preconditioner = NystromPreconditioner(self.op, min(self.rank, self.op.dim),
+                                                    shift=self.shift)
       x, info = cg(self.op, b, shift=self.shift, tol=self.tol, maxiter=self.maxiter,
-                   progress=self.progress, desc=f"cg {self.op.name}")
+                   progress=self.progress, desc=f"cg {self.op.name}",
+                   preconditioner=self.preconditioner)
       self.info.append(info)
       self._remember(key, x)
     return self.cache[key]
@@ -137,6 +150,11 @@ class MatrixFreeMSE:
       add none).
     operator: the train-train :class:`KernelOperator`.
   """
+
+  @property
+  def preconditioner(self) -> NystromPreconditioner | None:
+    """The Nyström preconditioner once built (``preconditioner_rank > 0``), else None."""
+    return self._solves.preconditioner
 
   def __init__(self, op: KernelOperator, layout: Layout, y: np.ndarray, lr: float,
                solves: _Solves, dtype: Any):
@@ -196,7 +214,8 @@ class MatrixFreeMSE:
 def gradient_descent_mse_matrix_free(
     k_train_train: Any, y_train: Any, learning_rate: float = 1., diag_reg: float = 0.,
     diag_reg_absolute_scale: bool = False, trace_axes: Axes = (-1,), *, tol: float = 1e-6,
-    maxiter: int | None = None, progress: bool | None = None) -> MatrixFreeMSE:
+    maxiter: int | None = None, progress: bool | None = None,
+    preconditioner_rank: int = 0) -> MatrixFreeMSE:
   r""":func:`gradient_descent_mse` beyond memory: CG at ``t=None``, Lanczos at finite ``t``.
 
   ``t=None`` (and infinite entries of ``t``) solve ``(K + s I) α = y - f(0)`` by
@@ -222,6 +241,9 @@ def gradient_descent_mse_matrix_free(
     maxiter: iterations per solve at most (default: see :func:`cg`; Lanczos
       ``min(M, 500)``).
     progress: tqdm bars on the solves (``None``: on a terminal only).
+    preconditioner_rank: ``r > 0`` preconditions CG with a rank-``r``
+      :class:`NystromPreconditioner` (built once, on the first solve, from one
+      product with ``r`` columns); worth it when CG needs many iterations.
 
   Returns:
     A :class:`MatrixFreeMSE` called as ``predict_fn(t=None, fx_train_0=0.,
@@ -247,7 +269,8 @@ def gradient_descent_mse_matrix_free(
   layout = Layout(y_train.shape, trace_axes)
   op = _train_operator(layout, k_train_train, "k_train_train")
   dtype = C.float_dtype(op.dtype)
-  solves = _Solves(op, _shift(op, reg, bool(diag_reg_absolute_scale)), tol, maxiter, progress)
+  solves = _Solves(op, _shift(op, reg, bool(diag_reg_absolute_scale)), tol, maxiter, progress,
+                   _check_rank(preconditioner_rank))
   return MatrixFreeMSE(op, layout, np.asarray(y_train, np.float64), lr, solves, dtype)
 
 
@@ -259,9 +282,10 @@ class MatrixFreeGP:
   """
 
   def __init__(self, k_train_train: Any, layout: Layout, y: np.ndarray, reg: float,
-               absolute: bool, tol: float, maxiter: int | None, progress: bool | None):
+               absolute: bool, tol: float, maxiter: int | None, progress: bool | None,
+               rank: int = 0):
     self._k, self.layout, self.y, self.reg, self.absolute = k_train_train, layout, y, reg, absolute
-    self._opts = (tol, maxiter, progress)
+    self._opts = (tol, maxiter, progress, rank)
     self._solves: dict[str, _Solves] = {}
     self.info: list[SolveInfo] = []
     self.dtype = C.float_dtype(self._ops("nngp" if has_field(k_train_train, "nngp") else "ntk")
@@ -339,7 +363,8 @@ class MatrixFreeGP:
 def gp_inference_matrix_free(k_train_train: Any, y_train: Any, diag_reg: float = 0.,
                              diag_reg_absolute_scale: bool = False, trace_axes: Axes = (-1,),
                              *, tol: float = 1e-6, maxiter: int | None = None,
-                             progress: bool | None = None) -> MatrixFreeGP:
+                             progress: bool | None = None,
+                             preconditioner_rank: int = 0) -> MatrixFreeGP:
   r""":func:`gp_inference` with conjugate-gradient solves on kernel operators.
 
   Means ``K_td (K + s I)⁻¹ y`` need one block CG solve per kernel (``O`` columns
@@ -354,6 +379,8 @@ def gp_inference_matrix_free(k_train_train: Any, y_train: Any, diag_reg: float =
     tol: relative residual of the CG solves.
     maxiter: CG iterations at most.
     progress: tqdm bars (``None``: on a terminal only).
+    preconditioner_rank: rank of a :class:`NystromPreconditioner` per kernel
+      (``0``: plain CG).
 
   Returns:
     A :class:`MatrixFreeGP` called as ``predict_fn(get=None, k_test_train=None,
@@ -373,4 +400,5 @@ def gp_inference_matrix_free(k_train_train: Any, y_train: Any, diag_reg: float =
   if _is_collection(k_train_train):
     first_field(k_train_train, "k_train_train")
   return MatrixFreeGP(k_train_train, layout, np.asarray(y_train, np.float64), reg,
-                      bool(diag_reg_absolute_scale), tol, maxiter, progress)
+                      bool(diag_reg_absolute_scale), tol, maxiter, progress,
+                      _check_rank(preconditioner_rank))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -25,7 +25,7 @@ import numpy as np
 
 from ntklayers.predict._layout import shape_str
 
-DEFAULT_BLOCK_BYTES = 64 << 20  # float64 bytes of one row block
+DEFAULT_BLOCK_BYTES = 64 << 20  # float64 bytes of one row block (its buffer is reused)
 
 
 def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -146,8 +146,8 @@ class KernelOperator:
     return cls(matmat, (dim, dim), dt, trace=trace, name="matvec")
 
   @classmethod
-  def from_array(cls, k: Any, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                 name: str = "kernel") -> KernelOperator:
+  def from_array(cls, k: Any, *, symmetric: bool = False,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, name: str = "kernel") -> KernelOperator:
     """An interleaved kernel ``[N1, N2(, O, O, ...)]`` multiplied in row blocks.
 
     A ``np.memmap`` of a whole ``.npy`` file (``ntk_blocked(..., out=path)``'s
@@ -155,6 +155,8 @@ class KernelOperator:
 
     Args:
       k: NumPy / JAX array or memory map with an even number of axes.
+      symmetric: the kernel is symmetric (a train-train kernel): products read
+        only its upper block triangle (half the data) and mirror it.
       block_bytes: float64 bytes of one row block (memory per product).
       name: used in error messages.
 
@@ -164,7 +166,7 @@ class KernelOperator:
     Example:
       >>> import numpy as np, ntklayers.predict as npr
       >>> k = np.eye(6).reshape(3, 2, 3, 2).transpose(0, 2, 1, 3)  # [3, 3, 2, 2]
-      >>> op = npr.KernelOperator.from_array(k)
+      >>> op = npr.KernelOperator.from_array(k, symmetric=True)
       >>> op.shape, float(op.trace())
       ((6, 6), 6.0)
     """
@@ -173,57 +175,67 @@ class KernelOperator:
       try:
         shape, dtype, fortran, _ = _npy_header(os.fspath(filename))
         if shape == k.shape and dtype == k.dtype and not fortran and k.flags.c_contiguous:
-          return cls.from_npy(filename, block_bytes=block_bytes, name=name)
+          return cls.from_npy(filename, symmetric=symmetric, block_bytes=block_bytes,
+                              name=name)
       except (OSError, ValueError):
         pass
     shape = tuple(int(s) for s in np.shape(k))
-    return cls._blocked(lambda a, b: np.asarray(k[a:b]), shape, np.dtype(k.dtype),
-                        block_bytes, name)
+    return cls._blocked(lambda a, b, c: np.asarray(k[a:b, c:]), shape, np.dtype(k.dtype),
+                        block_bytes, name, symmetric)
 
   @classmethod
-  def from_npy(cls, path: str | os.PathLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
-               name: str | None = None) -> KernelOperator:
+  def from_npy(cls, path: str | os.PathLike, *, symmetric: bool = False,
+               block_bytes: int = DEFAULT_BLOCK_BYTES, name: str | None = None
+               ) -> KernelOperator:
     """A kernel stored as ``.npy`` (``[N1, N2(, O, O)]``), read block by block.
 
     Args:
       path: the file (C order), e.g. written by ``ntklayers.ntk_blocked(out=path)``.
+      symmetric: a symmetric (train-train) kernel: read only the upper block
+        triangle, half the file, per product.
       block_bytes: float64 bytes of one row block.
       name: used in error messages (default: the path).
 
     Returns:
-      The operator; each product reads the file once, in row blocks, with
-      ``os.pread`` into one reused buffer.
+      The operator; each product reads the file once (half of it if
+      ``symmetric``), in row blocks, with ``os.preadv`` into one reused buffer.
     """
     path = os.fspath(path)
     shape, dtype, fortran, offset = _npy_header(path)
     if fortran:
       raise ValueError(f"{path}: Fortran-ordered .npy files are not supported.")
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    buffers: dict[int, np.ndarray] = {}
+    col_bytes = row_bytes // max(1, shape[1])
+    buffers: list[np.ndarray] = []
 
-    def read(a: int, b: int) -> np.ndarray:
-      nbytes = (b - a) * row_bytes
-      buf = buffers.get(nbytes)
-      if buf is None:
-        buffers.clear()
-        buf = buffers[nbytes] = np.empty(nbytes, np.uint8)
+    def read(a: int, b: int, c: int) -> np.ndarray:
+      """Rows ``[a, b)``, columns ``[c, N2)``."""
+      tail = row_bytes - c * col_bytes
+      nbytes = (b - a) * tail
+      if not buffers or buffers[0].size < nbytes:
+        buffers[:] = [np.empty(nbytes, np.uint8)]
+      view = memoryview(buffers[0].data)
       fd = os.open(path, os.O_RDONLY)
       try:
-        done, view = 0, memoryview(buf.data)
-        while done < nbytes:
-          got = os.preadv(fd, [view[done:]], offset + a * row_bytes + done)
-          if got <= 0:
-            raise OSError(f"{path}: file ends before {shape_str(shape)} {dtype} entries.")
-          done += got
+        spans = [(offset + a * row_bytes, 0, nbytes)] if c == 0 else [
+            (offset + n * row_bytes + c * col_bytes, (n - a) * tail, tail) for n in range(a, b)]
+        for pos, at, size in spans:
+          done = 0
+          while done < size:
+            got = os.preadv(fd, [view[at + done:at + size]], pos + done)
+            if got <= 0:
+              raise OSError(f"{path}: file ends before {shape_str(shape)} {dtype} entries.")
+            done += got
       finally:
         os.close(fd)
-      return buf.view(dtype).reshape((b - a,) + shape[1:])
+      return buffers[0][:nbytes].view(dtype).reshape((b - a, shape[1] - c) + shape[2:])
 
-    return cls._blocked(read, shape, dtype, block_bytes, name or path)
+    return cls._blocked(read, shape, dtype, block_bytes, name or path, symmetric)
 
   @classmethod
-  def _blocked(cls, read: Callable[[int, int], np.ndarray], shape: tuple[int, ...],
-               dtype: np.dtype, block_bytes: int, name: str) -> KernelOperator:
+  def _blocked(cls, read: Callable[[int, int, int], np.ndarray], shape: tuple[int, ...],
+               dtype: np.dtype, block_bytes: int, name: str,
+               symmetric: bool) -> KernelOperator:
     nd = len(shape)
     if nd < 2 or nd % 2:
       raise ValueError(f"`{name}` must have an even number of axes ([N1, N2] or "
@@ -231,27 +243,48 @@ class KernelOperator:
     if tuple(shape[2::2]) != tuple(shape[3::2]):
       raise ValueError(f"`{name}` of shape {shape_str(shape)} is not interleaved "
                        "[N1, N2, O, O, ...].")
+    if symmetric and shape[0] != shape[1]:
+      raise ValueError(f"`{name}` of shape {shape_str(shape)} cannot be symmetric.")
     inner = math.prod(shape[2::2])
     n1, n2 = shape[0], shape[1]
     rows_m, cols_m = n1 * inner, n2 * inner
     step = max(1, int(block_bytes) // max(1, n2 * inner * inner * 8))
     perm = (0,) + tuple(range(2, nd, 2)) + (1,) + tuple(range(3, nd, 2))
+    scratch: list[np.ndarray] = []
 
-    def blocks():
+    def blocks(upper: bool) -> Iterator[tuple[int, np.ndarray]]:
+      """``(r, K[r:r+k, c:] float64)`` with ``c = r`` if ``upper`` else 0; a reused buffer."""
       for a in range(0, n1, step):
         b = min(n1, a + step)
-        blk = np.asarray(read(a, b)).transpose(perm).reshape((b - a) * inner, cols_m)
-        yield a * inner, blk.astype(np.float64)
+        c = a if upper else 0
+        blk = np.asarray(read(a, b, c)).transpose(perm).reshape((b - a) * inner,
+                                                                (n2 - c) * inner)
+        if blk.dtype != np.float64:  # converted into one reused buffer (no page faults)
+          if not scratch:
+            scratch.append(np.empty(step * inner * cols_m))
+          buf = scratch[0][:blk.size].reshape(blk.shape)
+          np.copyto(buf, blk)
+          blk = buf
+        yield a * inner, blk
 
     def matmat(v: np.ndarray) -> np.ndarray:
+      if symmetric:  # K v from the upper block triangle: K[r, r:] v[r:] and its mirror
+        out = np.zeros((rows_m, v.shape[1]))
+        for r, blk in blocks(True):
+          e = r + blk.shape[0]
+          out[r:e] += blk @ v[r:]
+          out[e:] += blk[:, e - r:].T @ v[r:e]
+        return out
       out = np.empty((rows_m, v.shape[1]))
-      for r, blk in blocks():
+      for r, blk in blocks(False):
         out[r:r + blk.shape[0]] = blk @ v
       return out
 
     def rmatmat(u: np.ndarray) -> np.ndarray:
+      if symmetric:
+        return matmat(u)
       out = np.zeros((cols_m, u.shape[1]))
-      for r, blk in blocks():
+      for r, blk in blocks(False):
         out += blk.T @ u[r:r + blk.shape[0]]
       return out
 
@@ -259,8 +292,9 @@ class KernelOperator:
       if rows_m != cols_m:
         raise ValueError(f"`{name}` of shape {shape_str(shape)} is not square.")
       out = np.empty(rows_m)
-      for r, blk in blocks():
-        out[r:r + blk.shape[0]] = np.diagonal(blk[:, r:r + blk.shape[0]])
+      for r, blk in blocks(symmetric):
+        k = blk.shape[0]
+        out[r:r + k] = np.diagonal(blk[:, :k] if symmetric else blk[:, r:r + k])
       return out
 
     return cls(matmat, (rows_m, cols_m), dtype, diagonal=diagonal, rmatmat=rmatmat, name=name)
@@ -307,15 +341,18 @@ class KernelOperator:
     return cls(matmat, (dim - m_train, m_train), dtype, rmatmat=rmatmat, name="test_train")
 
 
-def as_operator(k: Any, name: str) -> KernelOperator:
-  """A :class:`KernelOperator` from an operator, an ``ntk_matvec`` triple, a path or an array."""
+def as_operator(k: Any, name: str, symmetric: bool = False) -> KernelOperator:
+  """A :class:`KernelOperator` from an operator, an ``ntk_matvec`` triple, a path or an array.
+
+  ``symmetric``: paths and arrays are train-train kernels (read half of them).
+  """
   if isinstance(k, KernelOperator):
     return k
   if isinstance(k, (str, os.PathLike)):
-    return KernelOperator.from_npy(k, name=name)
+    return KernelOperator.from_npy(k, symmetric=symmetric, name=name)
   if isinstance(k, tuple) and len(k) == 3 and callable(k[0]):
     return KernelOperator.from_matvec(*k)
   if isinstance(k, (np.ndarray, jax.Array)):
-    return KernelOperator.from_array(k, name=name)
+    return KernelOperator.from_array(k, symmetric=symmetric, name=name)
   raise TypeError(f"`{name}` must be a KernelOperator, an (matvec, dim, dtype) triple from "
                   f"`ntk_matvec`, a .npy path or an array, got {type(k).__name__}.")

@@ -92,8 +92,9 @@ def _warn(info: SolveInfo, what: str) -> None:
 
 
 def cg(op: KernelOperator, b: Any, *, shift: float = 0., tol: float = 1e-6,
-       maxiter: int | None = None, progress: bool | None = None,
-       desc: str = "cg") -> tuple[np.ndarray, SolveInfo]:
+       maxiter: int | None = None, progress: bool | None = None, desc: str = "cg",
+       preconditioner: Callable[[np.ndarray], np.ndarray] | None = None,
+       ) -> tuple[np.ndarray, SolveInfo]:
   r"""Solves ``(K + shift·I) x = b`` by conjugate gradients, one column at a time in a block.
 
   Each column runs its own CG recurrence (all columns share the operator
@@ -109,6 +110,8 @@ def cg(op: KernelOperator, b: Any, *, shift: float = 0., tol: float = 1e-6,
       ``max(1000, M / 10)``).
     progress: tqdm bar: ``None`` on a terminal only, ``True`` / ``False``.
     desc: the bar's label.
+    preconditioner: ``r [M, k] -> M⁻¹ r``, symmetric positive definite (e.g.
+      :class:`NystromPreconditioner`); ``None`` for plain CG.
 
   Returns:
     ``(x, info)``: ``x`` float64 of ``b``'s shape and a :class:`SolveInfo`
@@ -141,12 +144,15 @@ def cg(op: KernelOperator, b: Any, *, shift: float = 0., tol: float = 1e-6,
   r = b2.copy()
   its = 0
   residual = 0.0
+  precond = (lambda v: v) if preconditioner is None else preconditioner
   with progress_bar(maxiter, f"{desc} [{m}x{b2.shape[1]}]", progress) as bar:
     while True:
-      p = r.copy()
-      rs = np.sum(r * r, axis=0)
+      z = precond(r)
+      p = z.copy()
+      rz = np.sum(r * z, axis=0)
+      rr = np.sum(r * r, axis=0)
       while its < maxiter:
-        active = np.sqrt(rs) > tol * bnorm
+        active = np.sqrt(rr) > tol * bnorm
         if not active.any():
           break
         its += 1
@@ -158,15 +164,18 @@ def cg(op: KernelOperator, b: Any, *, shift: float = 0., tol: float = 1e-6,
               f"{op.name}: CG found a direction p with pᵀ(K + {shift:.3g} I)p = "
               f"{pap.min():.3g} <= 0 at iteration {its}: the kernel is not positive "
               "definite (indefinite, or singular without `diag_reg`).")
-        alpha = rs[active] / pap
+        alpha = rz[active] / pap
         x[:, active] += alpha * pa
         r[:, active] -= alpha * ap
-        rs_new = np.sum(r[:, active] ** 2, axis=0)
-        p[:, active] = r[:, active] + (rs_new / rs[active]) * pa
-        rs[active] = rs_new
+        ra = r[:, active]
+        za = precond(ra)
+        rz_new = np.sum(ra * za, axis=0)
+        p[:, active] = za + (rz_new / rz[active]) * pa
+        rz[active] = rz_new
+        rr[active] = np.sum(ra * ra, axis=0)
         if bar is not None:
           bar.update(1)
-          worst = np.max(np.sqrt(rs) / np.where(bnorm > 0, bnorm, 1.0))
+          worst = np.max(np.sqrt(rr) / np.where(bnorm > 0, bnorm, 1.0))
           bar.set_postfix(residual=f"{worst:.1e}", refresh=False)
       r = b2 - (op.matmat(x) + shift * x)
       rel = np.linalg.norm(r, axis=0) / np.where(bnorm > 0, bnorm, 1.0)
