@@ -100,7 +100,7 @@ def ntk_matvec(f: Callable[..., jax.Array], params: Any, x: Any, *,
       every call (they are not tiled).
     independent_samples: ``None`` proves (statically) that tiles are exact;
       ``True`` promises it and skips the proof, for models it cannot see through
-      (a ``custom_vjp``, a permutation of the batch that is undone); ``False``
+      (e.g. a permutation of the batch that is undone); ``False``
       declares that examples interact, so ``block_size`` is refused.
 
   Returns:
