@@ -193,3 +193,20 @@ def test_reasons_name_the_primitive():
   assert _why(REFUSED["batch_mean"]) == "`reduce_sum` may mix examples"
   assert "custom_lin" in _why(REFUSED["custom_vjp_mixing"])
   assert "differs at a literal" in _why(lambda x, w: x @ w / x.shape[0], twin_size=3)
+
+
+@pytest.mark.parametrize("mix", [_mixing_bwd, _mixing_jvp], ids=["custom_vjp", "custom_jvp"])
+def test_ntk_fn_is_exact_when_a_derivative_rule_mixes_rows(mix):
+  """The forward pass keeps rows apart, the derivative rule does not: main's
+  forward-only proof skipped ``ntk_fn``'s runtime check (a kernel 0.77 off)."""
+  import haiku as hk  # pylint: disable=g-import-not-at-top
+  import ntklayers  # pylint: disable=g-import-not-at-top
+
+  net = hk.without_apply_rng(hk.transform(
+      lambda x: ntklayers.Linear(2)(mix(jnp.tanh(ntklayers.Linear(4)(x))))))
+  params = net.init(jax.random.key(1), X)
+  K = ntklayers.ntk_fn(net.apply)(params, X)
+  jac = jax.jacrev(lambda p: net.apply(p, X))(params)
+  flat = jnp.concatenate([a.reshape(N * 2, -1) for a in jax.tree.leaves(jac)], 1)
+  ref = (flat @ flat.T).reshape(N, 2, N, 2).transpose(0, 2, 1, 3)
+  np.testing.assert_allclose(K, ref, rtol=1e-10, atol=1e-12)
