@@ -183,8 +183,8 @@ def _blocked(f: Callable, params: Any, x1: Any, x2: Any, *, block_size: int | No
                kind=kind, output_bytes=output_bytes, block_bytes=block_bytes,
                out_given=path is not None)
 
-  if options.independent_samples is not True:
-    _check_independent(req, params, x1, x2, dynamic, progs.block_size)
+  settled = options.independent_samples is True or _check_independent(
+      req, params, x1, x2, dynamic, progs.block_size, dtype)
 
   t1 = T.Tiles(n1, progs.block_size)
   t2 = t1 if x2 is None else T.Tiles(n2, progs.block_size)
@@ -194,7 +194,19 @@ def _blocked(f: Callable, params: Any, x1: Any, x2: Any, *, block_size: int | No
     request["block_size"] = progs.block_size
     store = _open_store(path, shape, dtype, request, kind, t1, t2)
   try:
-    _blocked_run.run(req, progs, kind, spec, params, x1, x2, dynamic, store, progress)
+    try:
+      _blocked_run.run(req, progs, kind, spec, params, x1, x2, dynamic, store, progress)
+    except _blocked_run.RowCheckFailed:
+      if not settled:
+        raise
+      # The examples are independent (proven, checked in float64, or promised), but a
+      # layer's rows are not its examples (e.g. the batch permuted around it): each
+      # tile's factors are captured with the tile as one sample (exact, costlier).
+      req = dataclasses.replace(req, tiles_as_samples=True)
+      progs = plan(req, params, x1, x2, dynamic, block_size=progs.block_size,
+                   budget=budget, kind=kind, output_bytes=output_bytes,
+                   block_bytes=block_bytes, out_given=path is not None)
+      _blocked_run.run(req, progs, kind, spec, params, x1, x2, dynamic, store, progress)
   finally:
     if path is not None:
       store.close()
@@ -260,9 +272,11 @@ def _open_store(path: str, shape: tuple, dtype: Any, request: dict, kind: str,
 
 
 def _check_independent(req: Request, params: Any, x1: Any, x2: Any, dynamic: list,
-                       b: int) -> None:
+                       b: int, dtype: np.dtype) -> bool:
   """Refuses tiles unless examples are proven (statically) or checked (two tilings
-  agree on ``J^T u``) not to interact."""
+  agree on ``J^T u``) not to interact. Returns whether that is settled beyond the
+  float32 tolerance of the check (proven, one tile, or checked in float64)."""
+  settled = True
   for x in (x1,) if x2 is None else (x1, x2):
     n = jax.tree.leaves(x)[0].shape[0]
     if n == b:  # one tile, the batch itself
@@ -279,6 +293,8 @@ def _check_independent(req: Request, params: Any, x1: Any, x2: Any, dynamic: lis
           f"tiles of {b} examples differs from {other}: e.g. a batch mean, a softmax "
           f"over the batch, a roll, or batch-size dependence), so the kernel cannot be "
           f"cut into blocks; compute it with ntklayers.ntk_fn.")
+    settled = settled and dtype.itemsize > 4
+  return settled
 
 
 def _mask_key(options: Options, params: Any) -> tuple:

@@ -48,6 +48,7 @@ class Request:
   same: bool  # x2 is x1
   rest: tuple[int, ...] = ()  # the output shape but the batch axis, on the whole batch
   batch: int = dataclasses.field(default=0, compare=False)  # N1, for messages
+  tiles_as_samples: bool = False  # capture each tile as one sample (rows not examples)
 
   def model(self, dynamic: list) -> Callable:
     return with_kwargs(self.f, self.static.merge(dynamic))
@@ -109,6 +110,9 @@ def _capture_one(req: Request, params: Any, tile: Any, peer: Any, dynamic: list)
     raise _interacting()
   if tuple(setup.out_rest) != req.rest:
     raise batch_dependent(req, setup.out_rest, tile)
+  if req.tiles_as_samples:  # exact when tiles are independent (checked or promised)
+    c = capture_with(setup, params, tile, mode=_replay.COUPLED)
+    return dataclasses.replace(c, params=None, verified=None), jnp.asarray(True)
   c = capture_with(setup, params, tile)
   # NaN or inf factors fail the row checks; they are not interaction: the kernel
   # carries them and warns.

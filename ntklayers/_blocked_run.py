@@ -108,8 +108,13 @@ def run(req: Request, progs: Programs, kind: str, spec: OutputSpec, params: Any,
                   "outputs and parameters).", RuntimeWarning, stacklevel=4)
 
 
+class RowCheckFailed(InteractingExamplesError):
+  """A layer's rows are not its examples (the batch permuted around it, or examples
+  that interact): ``ntk_blocked`` retries with each tile captured as one sample."""
+
+
 def row_check_failed() -> InteractingExamplesError:
-  return InteractingExamplesError(
+  return RowCheckFailed(
       "ntk_blocked: the row check found that the model's examples interact, so the "
       "kernel cannot be computed in blocks; compute it with ntklayers.ntk_fn.")
 

@@ -215,3 +215,25 @@ def test_coupled_batch_padded_to_one_tile_is_refused_or_exact(n1, n2, block_size
   except ntklayers.InteractingExamplesError:
     return
   same(k, ntklayers.ntk(f, params, x1, x2))
+
+
+# --------------------------------------------- layer rows are not examples ---
+
+
+def _reversed_rows(x):
+  """Independent examples, but the layer sees the batch reversed."""
+  return hk.Linear(2)(jnp.tanh(ntklayers.Linear(3)(x[::-1])[::-1]))
+
+
+@pytest.mark.parametrize("x2,block_size", [(None, 3), (None, 4), ("x2", 3), ("x2", None)])
+def test_layer_rows_permuted_is_exact(x2, block_size):
+  """The runtime row check sees that the layer's rows are not its examples; the
+  examples are independent (checked in float64), so the tiles are captured as
+  samples and the kernel is exact (it was refused as interacting, found by
+  tests/test_fuzz_blocked.py)."""
+  f, params = batch_dependent(_reversed_rows)
+  other = X2 if x2 else None
+  k = ntklayers.ntk_blocked(f, params, X, other, block_size=block_size)
+  same(k, ntklayers.ntk(f, params, X, other))
+  k = ntklayers.ntk_blocked(f, params, X, other, block_size=block_size, trace_axes=(-1,))
+  same(k, ntklayers.ntk(f, params, X, other, trace_axes=(-1,)))
