@@ -15,6 +15,11 @@ row (so ``peak RSS`` is the whole process's ``ru_maxrss``):
    gradients on the kernel read from disk in row blocks (float64 arithmetic) to
    relative residual ``tol``, then ``f_test(0) + K_td α``.
 
+Step 3 preconditions CG with a rank-``--rank`` randomized Nyström approximation
+of the kernel (one pass over the file with ``rank`` columns): the torchNTK
+kernel's spectrum decays slowly (condition number ~1e5 at N = 2,000), and plain
+CG needs several times more passes.
+
 ``--source matvec`` replaces steps 1-2 by the matrix-free
 ``ntklayers.metrics.ntk_matvec`` (no kernel at all; every CG iteration re-runs the
 model over the training set in tiles of ``--block`` examples).
@@ -23,6 +28,11 @@ The ``check`` row runs the same pipeline at ``--check-n`` (default 2,000) and
 compares its test predictions with the dense answer: the in-memory kernel
 ``ntklayers.ntk`` and a float64 Cholesky solve (``numpy.linalg``) of
 ``(K + diag_reg I) α = y - f(0)``.
+
+Measured (2 shared CPU cores under a load average of ~8-10, float32 kernel,
+``tol=1e-6``, ``diag_reg=0``): N = 20,000 in 862 s (kernel file 122 s, Nyström
+rank 400 111 s, 180 CG iterations), peak RSS 1.08 GiB; the N = 2,000 check
+agrees with the dense float64 Cholesky answer to 8.3e-7 (max relative error).
 
 Usage::
 
@@ -165,8 +175,9 @@ def main() -> None:
   parser.add_argument("--tol", type=float, default=1e-6, help="CG relative residual")
   parser.add_argument("--diag-reg", type=float, default=0.0, help="absolute ridge")
   parser.add_argument("--block", type=int, default=2048, help="ntk_matvec tile (matvec)")
-  parser.add_argument("--rank", type=int, default=400,
-                      help="Nystrom preconditioner rank (0: plain CG)")
+  parser.add_argument("--rank", type=int, default=None,
+                      help="Nystrom preconditioner rank (0: plain CG; default 400 for disk, "
+                           "0 for matvec, where building it costs `rank` model products)")
   parser.add_argument("--check-n", type=int, default=2_000, help="N of the dense check")
   parser.add_argument("--no-check", action="store_true")
   parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -177,9 +188,10 @@ def main() -> None:
   plan = [(args.n, False)] + ([] if args.no_check else [(args.check_n, True)])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   rows = []
+  rank = args.rank if args.rank is not None else (400 if args.source == "disk" else 0)
   for n, check in plan:
     spec = [n, args.n_test, args.source, args.budget, args.tol, args.diag_reg, args.block,
-            min(args.rank, n // 4), check]
+            min(rank, n // 4), check]
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
                           capture_output=True, text=True, env=env, check=False)
     if proc.returncode:

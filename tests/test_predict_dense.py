@@ -113,6 +113,7 @@ def test_mse_jit_and_shapes(full):
   assert fn(1.0, 0.0).shape == (N, O)  # scalar initial outputs broadcast
 
 
+@pytest.mark.slow
 def test_ode_mse_equals_closed_form_any_order(full):
   k = jnp.asarray(full["k2"][::O, ::O])
   ktd = jnp.asarray(full["ktd2"][::O, ::O])

@@ -45,9 +45,9 @@ Example:
 from ntklayers.predict._checks import NotPositiveSemidefiniteError
 from ntklayers.predict._gp import Gaussian
 from ntklayers.predict._gp import gp_inference
-from ntklayers.predict._matrix_free import MatrixFreeGP
+from ntklayers.predict._gp_matrix_free import MatrixFreeGP
+from ntklayers.predict._gp_matrix_free import gp_inference_matrix_free
 from ntklayers.predict._matrix_free import MatrixFreeMSE
-from ntklayers.predict._matrix_free import gp_inference_matrix_free
 from ntklayers.predict._matrix_free import gradient_descent_mse_matrix_free
 from ntklayers.predict._mse import gradient_descent_mse
 from ntklayers.predict._mse import max_learning_rate
