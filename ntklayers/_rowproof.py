@@ -205,7 +205,9 @@ def _while_rule(eqn, anns, twin, pair):
   tb = twin and _jaxpr(twin.params["body_jaxpr"])
   cconsts, bconsts, carry = anns[:cn], anns[cn:cn + bn], list(anns[cn + bn:])
   for _ in range(_MAX_FIXPOINT):
-    analyze(cj, cconsts + carry, tc, pair)  # a scalar predicate: shared, or it failed
+    (pred,) = analyze(cj, cconsts + carry, tc, pair)
+    if isinstance(pred, int):  # (a scalar is never batched; defensive)
+      raise NotPerExample("while")
     outs = analyze(bj, bconsts + carry, tb, pair)
     new = [join(c, o, "while") for c, o in zip(carry, outs)]
     if new == carry:
@@ -215,6 +217,8 @@ def _while_rule(eqn, anns, twin, pair):
 
 
 def _cond_rule(eqn, anns, twin, pair):
+  if isinstance(anns[0], int):  # the branch index (a scalar: defensive)
+    raise NotPerExample("cond")
   branches = eqn.params["branches"]
   tbranches = twin.params["branches"] if twin else [None] * len(branches)
   outs = None
