@@ -166,7 +166,7 @@ def _blocked(f: Callable, params: Any, x1: Any, x2: Any, *, block_size: int | No
     block_size = int(recorded["block_size"])
   if path is not None:  # checked before planning: a different request is refused at once
     request = {
-        "block_size": block_size,
+        "block_size": None if block_size is None else min(block_size, max(n1, n2)),
         "params": fingerprint.digest(params),
         "inputs": fingerprint.digest(x1, x2),
         "model_kwargs": fingerprint.digest(dynamic, repr(static.values)),

@@ -389,3 +389,13 @@ def test_progress_tells_an_unfinished_kernel(done, tmp_path):
   set_log(done, log_lines(done)[:4] + [b"garbage\n"])
   assert _store.progress(str(done)) == (4, BLOCKS)
   assert _store.progress(str(tmp_path / "other.npy")) is None
+
+
+def test_block_size_larger_than_the_batch_resumes(tmp_path):
+  """``block_size`` > N is capped at N when planned (and recorded so): the same call
+  again resumes instead of being refused as ``block_size: recorded 10, now 16``
+  (found by tests/test_fuzz_blocked.py)."""
+  path = tmp_path / "k.npy"
+  for _ in range(2):
+    k = ntklayers.ntk_blocked(F, P, X, block_size=16, out=path, progress=False)
+    assert_rel_close(np.asarray(k), expected(), TOL64)

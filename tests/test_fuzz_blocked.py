@@ -23,6 +23,7 @@ batch, float64, ``rel_err <= 1e-10`` against ``max|K|``), or:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import warnings
 
@@ -39,6 +40,7 @@ from reference import TOL64
 from test_fuzz import Spec, build, reference_kernel, specs
 
 SLOW_SEED = 20250117
+_FILES = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,7 @@ def check(bspec: BlockedSpec, tmp_dir=None) -> None:
   kwargs = dict(block_size=bspec.block_size, trace_axes=spec.trace_axes,
                 diagonal_axes=spec.diagonal_axes, trainable=mask, progress=False)
   if bspec.out and tmp_dir is not None:
-    kwargs["out"] = tmp_dir / f"k{abs(hash(bspec))}.npy"
+    kwargs["out"] = tmp_dir / f"k{next(_FILES)}.npy"  # a fresh file per example
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=models.NTKLAYERS_WARNING)
     try:
