@@ -85,9 +85,9 @@ def _slow_writes(seconds: float) -> None:
   from ntklayers._large import _store  # pylint: disable=g-import-not-at-top
   write = _store.NpyStore.write
 
-  def slow(self, index, block):
+  def slow(self, index, block, crc=0):
     time.sleep(seconds)
-    write(self, index, block)
+    return write(self, index, block, crc)
 
   _store.NpyStore.write = slow
 

@@ -42,13 +42,16 @@ from ntklayers._core._checks import check_f
 from ntklayers._core._checks import check_output
 from ntklayers._core._checks import check_pair
 from ntklayers._core._checks import check_params
+from ntklayers._core._checks import note_failure
 from ntklayers._core._contract import all_finite
 from ntklayers._core._contract import contract
 from ntklayers._core._contract import contract_unchecked
 from ntklayers._core._contract import contract_with_spec
 from ntklayers._core._contract import report_nonfinite
 from ntklayers._core._discovery import discover
+from ntklayers._core._discovery import execution_order
 from ntklayers._core._fallback import restrict
+from ntklayers._core._jax_compat import is_inexact
 from ntklayers._core._jax_compat import is_tracer
 from ntklayers._core._jax_compat import shard_map
 from ntklayers._core._kernel_fn import KernelResult
@@ -71,6 +74,8 @@ from ntklayers._core._replay import INDEPENDENT
 from ntklayers._core._replay import agree
 from ntklayers._core._replay import check_cotangent
 from ntklayers._core._replay import check_tolerance
+from ntklayers._core._replay import replay
+from ntklayers._core._rowproof import why_not as why_rows_not_examples
 from ntklayers._core._rule import Description
 from ntklayers._core._rule import Rule
 from ntklayers._core._rule import register_rule
@@ -86,15 +91,15 @@ from ntklayers._core._session import register_interceptor
 from ntklayers._core._session import tap
 
 __all__ = (
-    "AFFINE", "CHECKED", "COUPLED", "GATHER", "INDEPENDENT", "SCALE",
-    "ConvConfig", "DenseConfig", "Description", "EmbedConfig", "Factors", "KernelResult",
-    "Op", "Options", "OutputSpec", "Rule", "ScaleConfig", "Setup", "StaticKwargs",
-    "agree", "all_finite", "batch_size", "capture", "capture_with", "capturing",
-    "check_batch", "check_cotangent", "check_f", "check_output", "check_pair",
-    "check_params", "check_tolerance", "checked", "collecting_notes", "contract",
-    "contract_unchecked", "contract_with_spec", "declare_coupled", "discover",
-    "emit_note", "interceptors", "is_tracer", "kernel", "make_kernel_fn",
-    "normalize_axes", "ntk", "ntk_fn", "prepare", "prove_rows", "register_interceptor",
-    "register_rule", "report_nonfinite", "resolve_trainable", "restrict", "shard_map",
-    "split_kwargs", "summed_logits", "tap", "with_kwargs",
+    "AFFINE", "CHECKED", "COUPLED", "GATHER", "INDEPENDENT", "SCALE", "ConvConfig",
+    "DenseConfig", "Description", "EmbedConfig", "Factors", "KernelResult", "Op", "Options",
+    "OutputSpec", "Rule", "ScaleConfig", "Setup", "StaticKwargs", "agree", "all_finite",
+    "batch_size", "capture", "capture_with", "capturing", "check_batch", "check_cotangent",
+    "check_f", "check_output", "check_pair", "check_params", "check_tolerance", "checked",
+    "collecting_notes", "contract", "contract_unchecked", "contract_with_spec",
+    "declare_coupled", "discover", "emit_note", "execution_order", "interceptors", "is_inexact",
+    "is_tracer", "kernel", "make_kernel_fn", "normalize_axes", "note_failure", "ntk", "ntk_fn",
+    "prepare", "prove_rows", "register_interceptor", "register_rule", "replay",
+    "report_nonfinite", "resolve_trainable", "restrict", "shard_map", "split_kwargs",
+    "summed_logits", "tap", "why_rows_not_examples", "with_kwargs",
 )

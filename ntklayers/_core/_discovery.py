@@ -194,6 +194,22 @@ def _skip_reason(meta, primal_shape, out_shape, param_vs, prov, blocked, n):
   return None, tuple(leaves), stacks.pop()
 
 
+def execution_order(jaxpr: Any, path: tuple[int, ...], steps: list[int]) -> tuple[int, ...]:
+  """Execution order of one step of a tagged call: the equation index at each level
+  of ``path``, each ``scan``'s followed by the step (counted backwards in a
+  reversed scan)."""
+  key: list[int] = []
+  loops = iter(steps)
+  for k in path[:-1]:  # the enclosing scan, remat and jit equations
+    eqn = jaxpr.eqns[k]
+    key.append(k)
+    if eqn.primitive.name == _jax_compat.SCAN:
+      step = next(loops)
+      key.append(eqn.params["length"] - 1 - step if eqn.params["reverse"] else step)
+    jaxpr = _jax_compat.body(eqn)[0]
+  return (*key, path[-1])
+
+
 def outside(traced: Traced, captured: frozenset[Path]) -> frozenset[int]:
   """Parameter leaves the output depends on other than through the direct
   parameter use of the ``captured`` tags (by their paths).

@@ -9,8 +9,9 @@ whole-batch or tile by tile), and their errors.
 from ntklayers._large._blocked import ntk_blocked
 from ntklayers._large._blocked import ntk_trace
 from ntklayers._large._budget import MemoryBudgetError
-from ntklayers._large._exec import InteractingExamplesError
+from ntklayers._large._independence import InteractingExamplesError
+from ntklayers._large._matvec import make_matvec
 from ntklayers._large._matvec import ntk_matvec
 
-__all__ = ("InteractingExamplesError", "MemoryBudgetError", "ntk_blocked", "ntk_matvec",
-           "ntk_trace")
+__all__ = ("InteractingExamplesError", "MemoryBudgetError", "make_matvec", "ntk_blocked",
+           "ntk_matvec", "ntk_trace")

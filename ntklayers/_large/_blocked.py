@@ -1,28 +1,33 @@
 """``ntk_blocked`` and ``ntk_trace``: large kernels in blocks, within a memory
-budget, out of core and resumable, over every device and process, with progress."""
+budget, out of core and resumable, over every device and process, with progress.
+
+The model is traced once, on the whole batch (``jax.make_jaxpr``): the jaxpr gives
+the output shape and, with ``out=``, the model's part of the resume fingerprint
+(``_fingerprint``); the compiled tile programs then check that every tile's
+output has the same shape but the batch axis.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import dataclasses
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ntklayers import _core
-from ntklayers._core import OutputSpec, Options, emit_note, resolve_trainable, split_kwargs
+from ntklayers._core import Options, OutputSpec, normalize_axes, split_kwargs
 from ntklayers._large import _budget
+from ntklayers._large import _fingerprint as fingerprint
+from ntklayers._large import _run as _blocked_run
 from ntklayers._large import _store
 from ntklayers._large import _tiles as T
-from ntklayers._large._exec import (InteractingExamplesError, Request, make_mesh, put,
-                                     rows_proven)
-from ntklayers._large._independence import check_tiling
-from ntklayers._large._plan import Programs, padded_count, plan
+from ntklayers._large._exec import Request, make_mesh
+from ntklayers._large._independence import (InteractingExamplesError, check_tiling,
+                                            coupled_layers, why_not_tileable)
+from ntklayers._large._plan import plan
 
 
 def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: Any = None, *,
@@ -61,12 +66,16 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
       temporaries); a request that cannot fit raises ``MemoryBudgetError``.
     out: path of a ``.npy`` file to write the kernel to, block by block; an
       interrupted run resumes from its finished blocks (a different request is
-      refused). ``None`` keeps the kernel in memory.
+      refused; damaged files are repaired with a warning or refused, see the
+      README). ``None`` keeps the kernel in memory.
     progress: a tqdm bar over blocks: ``None`` shows it on a terminal, ``True``
       always, ``False`` never.
     model_kwargs: keyword arguments of ``f`` (``f(params, x, **model_kwargs)``).
     trace_axes, diagonal_axes, implementation, trainable, independent_samples,
       precision: as for :func:`ntklayers.ntk_fn` (``layerwise`` is not offered).
+      A traced batch axis (``0`` in ``trace_axes``, ``N1 == N2``) averages the
+      per-example kernels (diagonal blocks only); the result has no batch axis,
+      so it is returned in memory (not with ``out``).
 
   Returns:
     A NumPy array of the kernel's shape (``[N1, N2, O, O]`` for outputs ``[N, O]``
@@ -74,8 +83,11 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
 
   Raises:
     MemoryBudgetError: the request cannot fit ``max_memory``.
-    ValueError: the examples interact (BatchNorm in training), so the kernel
-      cannot be cut into blocks; or ``out`` holds a different request.
+    InteractingExamplesError: the examples interact (BatchNorm in training, a
+      batch mean, an output shape that depends on the batch size), so the kernel
+      cannot be cut into blocks.
+    ValueError: ``out`` holds a different request, or files that cannot be
+      trusted (the message names the files to remove).
 
   Example:
     >>> import haiku as hk, jax, jax.numpy as jnp, numpy as np, ntklayers
@@ -86,8 +98,23 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
     >>> K.shape, bool(np.allclose(K, ntklayers.ntk(net.apply, params, x), atol=1e-5))
     ((10, 10, 2, 2), True)
   """
+  return _blocked(f, params, x1, x2, block_size=block_size, max_memory=max_memory, out=out,
+                  progress=progress, model_kwargs=model_kwargs, trace_axes=trace_axes,
+                  diagonal_axes=diagonal_axes, implementation=implementation,
+                  trainable=trainable, independent_samples=independent_samples,
+                  precision=precision)
+
+
+def _blocked(f: Callable, params: Any, x1: Any, x2: Any, *, block_size: int | None,
+             max_memory: int | float | str | None, out: str | os.PathLike | None,
+             progress: bool | None, model_kwargs: dict[str, Any] | None,
+             trace_axes: int | Sequence[int], diagonal_axes: int | Sequence[int] | None,
+             implementation: str, trainable: Any, independent_samples: bool | None,
+             precision: str) -> np.ndarray:
+  """:func:`ntk_blocked`; ``diagonal_axes=None``: every output axis (``ntk_trace``)."""
   f = _core.check_f(f)
-  options = Options.create(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+  options = Options.create(trace_axes=trace_axes,
+                           diagonal_axes=() if diagonal_axes is None else diagonal_axes,
                            implementation=implementation, trainable=trainable,
                            independent_samples=independent_samples, precision=precision)
   if block_size is not None and (isinstance(block_size, bool) or not isinstance(
@@ -100,18 +127,34 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
   if model_kwargs is not None and not isinstance(model_kwargs, dict):
     raise TypeError(f"`model_kwargs` must be a dict, got {type(model_kwargs).__name__}.")
   dynamic, static = split_kwargs(model_kwargs or {})
-  mesh = make_mesh()
-  req = Request(f, options, static, mesh, x2 is None)
   x1 = jax.tree.map(np.asarray, x1)
   x2 = None if x2 is None else jax.tree.map(np.asarray, x2)
+  req = Request(f, options, static, make_mesh(), x2 is None)
 
-  first = jax.tree.map(lambda a: a[:1], x1)
-  out_aval = jax.eval_shape(lambda p, x, d: req.model(d)(p, x), params, first, dynamic)
-  if not isinstance(out_aval, jax.ShapeDtypeStruct) or not out_aval.shape:
-    raise TypeError(f"`f` must return one array [N, ...], got {out_aval}.")
+  closed, out_aval = _trace(req, params, dynamic, x1, x2 if n2 != n1 else None)
   rest = tuple(out_aval.shape[1:])
-  spec = OutputSpec.create((n1, *rest), (n2, *rest), options.trace_axes,
-                           options.diagonal_axes, options.precision)
+  ndim = 1 + len(rest)
+  trace = normalize_axes(options.trace_axes, ndim, "trace_axes")
+  diag = (tuple(range(ndim)) if diagonal_axes is None else
+          normalize_axes(options.diagonal_axes, ndim, "diagonal_axes"))
+  if 0 in trace + diag and n1 != n2:
+    raise ValueError(
+        f"`trace_axes`={options.trace_axes} and `diagonal_axes`={options.diagonal_axes} "
+        f"include the batch axis 0, which pairs example n of `x1` with example n of "
+        f"`x2`: it needs equal batch sizes, got N1={n1} (`x1`) and N2={n2} (`x2`).")
+  batch_traced = 0 in trace
+  if batch_traced:  # the per-example kernels, averaged below
+    OutputSpec.create((n1, *rest), (n2, *rest), trace, diag)  # N1 == N2, axes apart
+    if out is not None:
+      raise ValueError(
+          f"`trace_axes`={options.trace_axes} contracts the batch axis: the kernel has "
+          f"no batch axis (outputs {[n1, *rest]}), so there are no blocks to write to "
+          f"`out`={os.fspath(out)!r}. Call without `out` (the per-example kernels it "
+          f"averages are kept in memory, linear in N).")
+    trace, diag = tuple(a for a in trace if a), tuple(sorted({0, *diag}))
+  options = dataclasses.replace(options, trace_axes=trace, diagonal_axes=diag)
+  req = dataclasses.replace(req, options=options, rest=rest, batch=n1)
+  spec = OutputSpec.create((n1, *rest), (n2, *rest), trace, diag, options.precision)
   kind = T.DIAGONAL if options.diagonal_batch else (T.UPPER if x2 is None else T.FULL)
   dtype = np.dtype(out_aval.dtype)
   shape = spec.kernel_shape
@@ -120,10 +163,22 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
   def block_bytes(b: int) -> int:
     return inner * (b if kind == T.DIAGONAL else b * b)
 
-  path = None if out is None else os.fspath(out)
+  path = None if out is None else _check_out(out)
   recorded = None if path is None else _store.read_request(path)
   if block_size is None and recorded is not None:
     block_size = int(recorded["block_size"])
+  if path is not None:  # checked before planning: a different request is refused at once
+    request = {
+        "block_size": None if block_size is None else min(block_size, max(n1, n2)),
+        "params": fingerprint.digest(params),
+        "inputs": fingerprint.digest(x1, x2),
+        "model_kwargs": fingerprint.digest(dynamic, repr(static.values)),
+        "options": repr((trace, diag, options.implementation, options.independent_samples,
+                         options.precision, _mask_key(options, params))),
+        "model": fingerprint.program_digest(closed),
+    }
+    if recorded is not None:
+      _store.check_request(path, recorded, _store.full_request(request, shape, dtype))
   budget = (_budget.default_budget(jax.devices()[0]) if max_memory is None else
             _budget.parse_memory(max_memory))
   output_bytes = 0 if path is not None else T.kernel_bytes(shape, dtype.itemsize)
@@ -131,209 +186,137 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
                kind=kind, output_bytes=output_bytes, block_bytes=block_bytes,
                out_given=path is not None)
 
-  if options.independent_samples is not True:
-    _check_independent(req, params, x1, x2, dynamic, progs.block_size)
+  settled = options.independent_samples is True or _check_independent(
+      req, params, x1, x2, dynamic, progs.block_size, dtype)
 
-  request = {
-      "block_size": progs.block_size,
-      "params": _store.digest(params),
-      "inputs": _store.digest(x1, x2),
-      "model_kwargs": _store.digest(dynamic, repr(static.values)),
-      "options": repr((options.trace_axes, options.diagonal_axes, options.implementation,
-                       options.independent_samples, options.precision,
-                       _mask_key(options, params))),
-      "model": _model_digest(req, params, first, dynamic),
-  }
+  t1 = T.Tiles(n1, progs.block_size)
+  t2 = t1 if x2 is None else T.Tiles(n2, progs.block_size)
   if path is None:
     store: Any = _store.MemoryStore(shape, dtype)
   else:
-    store = _store.NpyStore(path, shape, dtype, request, jax.process_index())
-    if jax.process_index() == 0:
-      store.create_or_check()
-    _barrier("ntk_blocked: file created")
-    if jax.process_index() != 0:
-      recorded = _store.read_request(path)
-      store.check(recorded or {})
-    store.open()
-    _barrier("ntk_blocked: progress read")
+    request["block_size"] = progs.block_size
+    store = _open_store(path, shape, dtype, request, kind, t1, t2)
   try:
-    _run(req, progs, kind, spec, params, x1, x2, dynamic, store, progress)
+    try:
+      _blocked_run.run(req, progs, kind, spec, params, x1, x2, dynamic, store, progress)
+    except _blocked_run.RowCheckFailed:
+      if not settled:
+        raise
+      # The examples are independent (proven, checked in float64, or promised), but a
+      # layer's rows are not its examples (e.g. the batch permuted around it): each
+      # tile's factors are captured with the tile as one sample (exact, costlier).
+      req = dataclasses.replace(req, tiles_as_samples=True)
+      progs = plan(req, params, x1, x2, dynamic, block_size=progs.block_size,
+                   budget=budget, kind=kind, output_bytes=output_bytes,
+                   block_bytes=block_bytes, out_given=path is not None)
+      _blocked_run.run(req, progs, kind, spec, params, x1, x2, dynamic, store, progress)
   finally:
     if path is not None:
       store.close()
   _barrier("ntk_blocked: done")
-  return store.result()
+  result = store.result()
+  if batch_traced:  # the mean of the per-example kernels
+    return np.asarray(np.mean(result, axis=0, dtype=np.float64), dtype=dtype)
+  return result
+
+
+def _trace(req: Request, params: Any, dynamic: list, x1: Any, x2: Any) -> tuple[Any, Any]:
+  """``(closed jaxpr, output ShapeDtypeStruct on x1)``: the model traced once on the
+  whole batch (and on ``x2`` if given: its batch size differs), its outputs checked."""
+  xs = (x1,) if x2 is None else (x1, x2)
+  try:
+    closed, outs = jax.make_jaxpr(
+        lambda p, d, *zs: [req.model(d)(p, z) for z in zs], return_shape=True)(
+            params, dynamic, *xs)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised with a note)
+    _core.note_failure(e, params, x1)
+    raise
+  for out, x in zip(outs, xs):
+    _core.check_output(out, jax.tree.leaves(x)[0].shape[0], x)
+  if len(outs) == 2 and outs[0].shape[1:] != outs[1].shape[1:]:
+    raise InteractingExamplesError(
+        f"ntk_blocked: the output shape of `f` depends on the batch size: `f` returned "
+        f"{list(outs[0].shape)} for `x1` and {list(outs[1].shape)} for `x2`; the kernel "
+        f"needs outputs that agree in every axis but the first.")
+  return closed, outs[0]
+
+
+def _check_out(out: str | os.PathLike) -> str:
+  """``out`` as a path whose directory exists and that is not a directory."""
+  path = os.fspath(out)
+  if not isinstance(path, str):
+    raise TypeError(f"`out` must be a path (str or os.PathLike), got {out!r}.")
+  if os.path.isdir(path):
+    raise ValueError(f"`out`={path!r} is a directory; pass the path of a file in it, "
+                     f"e.g. {os.path.join(path, 'kernel.npy')!r}.")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"`out`={path!r}: the directory {folder!r} does not exist; "
+                            f"create it first.")
+  return path
+
+
+def _open_store(path: str, shape: tuple, dtype: Any, request: dict, kind: str,
+                t1: T.Tiles, t2: T.Tiles) -> _store.NpyStore:
+  """The ``.npy`` store at ``path``: created or checked and repaired by process 0,
+  then opened by every process (all read the same finished blocks)."""
+  diag, other = T.schedule(kind, t1.count, t2.count)
+  store = _store.NpyStore(path, shape, dtype, request, _blocked_run.regions(kind, t1, t2),
+                          diag + other, jax.process_index())
+  if jax.process_index() == 0:
+    store.create_or_check()
+  _barrier("ntk_blocked: file created")
+  if jax.process_index() != 0:
+    recorded = _store.read_request(path)
+    store.check(recorded or {})
+  store.open()
+  _barrier("ntk_blocked: progress read")
+  return store
 
 
 def _check_independent(req: Request, params: Any, x1: Any, x2: Any, dynamic: list,
-                       b: int) -> None:
-  """Refuses tiles unless examples are proven (statically) or checked (two tilings
-  agree on ``J^T u``) not to interact."""
+                       b: int, dtype: np.dtype) -> bool:
+  """Refuses tiles unless examples are proven (statically: the shared guard
+  ``why_not_tileable``, which also proves that a tile's program is the batch's but
+  for its size) or checked (two tilings agree on ``J^T u``) not to interact.
+  Returns whether that is settled beyond the float32 tolerance of the check
+  (proven, one tile, or checked in float64)."""
+  settled = True
+  f = req.model(dynamic)
   for x in (x1,) if x2 is None else (x1, x2):
     n = jax.tree.leaves(x)[0].shape[0]
-    if n <= b:
+    if n == b:  # one tile, the batch itself
       continue
-    tile = jax.tree.map(lambda a: a[:b], x)
-    if rows_proven(req, params, (tile,), dynamic):
+    if why_not_tileable(f, params, x, b) is None:
       continue
-    if not check_tiling(req.model(dynamic), params, x, b):
+    coupled = coupled_layers(f, params, jax.tree.map(lambda a: a[:b], x))
+    if coupled:
       raise InteractingExamplesError(
-          f"ntk_blocked: the model's examples interact (its parameter Jacobian on a "
-          f"tile of {b} examples differs from that on a tile of {b + 1}: e.g. a batch "
-          f"mean, a roll over the batch, or batch-size dependence), so the kernel "
-          f"cannot be cut into blocks; compute it with ntklayers.ntk_fn.")
-
-
-def _model_digest(req: Request, params: Any, x: Any, dynamic: list) -> str:
-  """A digest of the model's program (its jaxpr on one example)."""
-  jaxpr = jax.make_jaxpr(lambda p, z, d: req.model(d)(p, z))(params, x, dynamic)
-  return hashlib.sha256(str(jaxpr).encode()).hexdigest()[:32]
+          f"ntk_blocked: the model's examples interact ({coupled}), so the kernel of a "
+          f"tile pair is not a block of the whole batch's kernel. Compute it unblocked "
+          f"with ntklayers.ntk_fn, or make the examples independent (e.g. "
+          f"is_training=False).")
+    if not check_tiling(f, params, x, b):
+      other = (f"that on a tile of {b + 1}" if n > b else
+               f"that on the batch of {n} alone (a tile pads it with copies of its "
+               f"last example)")
+      raise InteractingExamplesError(
+          f"ntk_blocked: the model's examples interact (its parameter Jacobian on "
+          f"tiles of {b} examples differs from {other}: e.g. a batch mean, a softmax "
+          f"over the batch, a roll, or batch-size dependence), so the kernel cannot be "
+          f"cut into blocks; compute it with ntklayers.ntk_fn.")
+    settled = settled and dtype.itemsize > 4
+  return settled
 
 
 def _mask_key(options: Options, params: Any) -> tuple:
-  return tuple(resolve_trainable(options.mask, params))
+  return tuple(_core.resolve_trainable(options.mask, params))
 
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
-
-
-def _rounds(todo: list, d: int) -> list[tuple[bool, list]]:
-  """Rounds of at most ``d`` pairs, diagonal (symmetric) ones apart from the rest."""
-  rounds = []
-  for diagonal in (True, False):
-    pairs = [p for dg, p in todo if dg == diagonal]
-    rounds += [(diagonal, pairs[k:k + d]) for k in range(0, len(pairs), d)]
-  return rounds
-
-
-def _run(req: Request, progs: Programs, kind: str, spec: OutputSpec, params: Any, x1: Any,
-         x2: Any, dynamic: list, store: Any, progress: bool | None) -> None:
-  mesh, d = req.mesh, req.mesh.size
-  t1 = T.Tiles(jax.tree.leaves(x1)[0].shape[0], progs.block_size)
-  t2 = t1 if x2 is None else T.Tiles(jax.tree.leaves(x2)[0].shape[0], progs.block_size)
-  diag, other = T.schedule(kind, t1.count, t2.count)
-  todo = [(True, p) for p in diag if p not in store.done] + [
-      (False, p) for p in other if p not in store.done]
-  if not todo:
-    return
-  params_g, dyn_g = put(params, mesh, P()), put(dynamic, mesh, P())
-  tiles1 = put(t1.stack(x1, padded_count(t1, d)), mesh, P("d"))
-  tiles2 = None if x2 is None else put(t2.stack(x2, padded_count(t2, d)), mesh, P("d"))
-  peer1 = None if x2 is None else put(_first_tile(x2, t2), mesh, P())
-  peer2 = None if x2 is None else put(_first_tile(x1, t1), mesh, P())
-  warned: set = set()
-  if progs.cached:
-    side1 = _capture(progs.capture1, params_g, tiles1, peer1, dyn_g, warned, mesh)
-    side2 = None if x2 is None else _capture(progs.capture2, params_g, tiles2, peer2, dyn_g,
-                                             warned, mesh)
-  else:
-    side1 = _replicated(tiles1, mesh)
-    side2 = None if tiles2 is None else _replicated(tiles2, mesh)
-  gather = isinstance(store, _store.MemoryStore)
-  perm = T.mirror_axes(spec)
-  nonfinite = False
-
-  def launch(diagonal: bool, chunk: list):
-    pairs = chunk + [chunk[-1]] * (d - len(chunk))  # pad the last round
-    i = put(np.array([p[0] for p in pairs], np.int32), mesh, P("d"))
-    j = put(np.array([p[1] for p in pairs], np.int32), mesh, P("d"))
-    return diagonal, chunk, progs.rounds[diagonal](params_g, side1, side2, peer1, i, j, dyn_g)
-
-  def finish(diagonal: bool, chunk: list, res: Any) -> bool:
-    blocks, finite = res.value
-    _notes(res.notes, warned)
-    if not bool(res.ok.all()):
-      raise _row_check_failed()
-    for k, block in _blocks(blocks, gather):
-      if k >= len(chunk):
-        continue
-      a, b = chunk[k]
-      block = T.trim(kind, t1, t2, a, b, block)
-      store.write(T.block_slices(kind, t1, t2, a, b), block)
-      if kind == T.UPPER and not diagonal:
-        store.write(T.block_slices(kind, t1, t2, b, a), np.transpose(block, perm))
-      store.finish((a, b))
-    return not bool(finite.all())
-
-  with _bar(len(todo), progress) as bar:
-    for diagonal, chunk in _rounds(todo, d):
-      nonfinite = finish(*launch(diagonal, chunk)) or nonfinite
-      if bar is not None:
-        bar.update(len(chunk))
-  if nonfinite:
-    warnings.warn("ntklayers: the kernel contains NaN or inf values (check the model's "
-                  "outputs and parameters).", RuntimeWarning, stacklevel=3)
-
-
-def _row_check_failed() -> InteractingExamplesError:
-  return InteractingExamplesError(
-      "ntk_blocked: the row check found that the model's examples interact, so the "
-      "kernel cannot be computed in blocks; compute it with ntklayers.ntk_fn.")
-
-
-def _first_tile(x: Any, tiles: T.Tiles) -> Any:
-  return jax.tree.map(lambda a: a[0], tiles.stack(x, 1))
-
-
-def _replicated(tree: Any, mesh: Any) -> Any:
-  """A global array gathered onto every device (``jit`` with replicated output)."""
-  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
-
-
-def _capture(exe: Any, params: Any, tiles: Any, peer: Any, dynamic: list, warned: set,
-             mesh: Any) -> Any:
-  res = exe(params, tiles, peer, dynamic)
-  _notes(res.notes, warned)
-  if not bool(res.ok):
-    raise _row_check_failed()
-  return _replicated(res.value[0], mesh) if mesh.size > 1 else res.value[0]
-
-
-def _notes(notes: tuple, warned: set) -> None:
-  for note in notes:
-    if note not in warned:
-      warned.add(note)
-      emit_note(note, stacklevel=5)
-
-
-def _blocks(value: jax.Array, gather: bool):
-  """``(k, block k)`` of a round's result ``[D, ...]`` that this process holds
-  (every block when ``gather``: the kernel is kept whole by every process)."""
-  if jax.process_count() > 1 and gather:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    value = multihost_utils.process_allgather(value, tiled=True)
-  if isinstance(value, np.ndarray) or value.is_fully_addressable:
-    host = np.asarray(value)
-    yield from enumerate(host)
-    return
-  for shard in value.addressable_shards:
-    start = shard.index[0].start or 0
-    for k, block in enumerate(np.asarray(shard.data)):
-      yield start + k, block
-
-
-@contextlib.contextmanager
-def _bar(total: int, progress: bool | None):
-  """A tqdm bar on process 0: ``None`` on a terminal only, ``True`` always."""
-  if progress is False or jax.process_index() != 0:
-    yield None
-    return
-  try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    if progress:
-      raise ImportError("`progress=True` needs tqdm: `pip install tqdm`.") from e
-    yield None
-    return
-  bar = tqdm(total=total, desc="ntk_blocked", unit="block",
-             disable=None if progress is None else False)
-  try:
-    yield bar
-  finally:
-    bar.close()
 
 
 def ntk_trace(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
@@ -367,12 +350,9 @@ def ntk_trace(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
     >>> round(t / float(ntklayers.metrics.trace(K)), 5)
     1.0
   """
-  first = jax.tree.map(lambda a: np.asarray(a)[:1], x)
-  out = jax.eval_shape(lambda p, z: f(p, z, **(model_kwargs or {})), params, first)
-  ndim = len(getattr(out, "shape", ()))
-  diag = ntk_blocked(f, params, x, block_size=block_size, max_memory=max_memory,
-                     progress=progress, model_kwargs=model_kwargs,
-                     diagonal_axes=tuple(range(max(ndim, 1))),
-                     implementation=implementation, trainable=trainable,
-                     independent_samples=independent_samples, precision=precision)
+  _core.check_batch(x, "x")
+  diag = _blocked(f, params, x, None, block_size=block_size, max_memory=max_memory,
+                  out=None, progress=progress, model_kwargs=model_kwargs, trace_axes=(),
+                  diagonal_axes=None, implementation=implementation, trainable=trainable,
+                  independent_samples=independent_samples, precision=precision)
   return float(np.sum(diag, dtype=np.float64))

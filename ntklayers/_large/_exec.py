@@ -32,6 +32,7 @@ from ntklayers import _core
 from ntklayers._core import (Factors, KernelResult, Options, OutputSpec, StaticKwargs,
                              capture_with, collecting_notes, contract_with_spec, prepare,
                              with_kwargs)
+from ntklayers._large._independence import InteractingExamplesError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Request:
   static: StaticKwargs
   mesh: Mesh
   same: bool  # x2 is x1
+  rest: tuple[int, ...] = ()  # the output shape but the batch axis, on the whole batch
+  batch: int = dataclasses.field(default=0, compare=False)  # N1, for messages
+  tiles_as_samples: bool = False  # capture each tile as one sample (rows not examples)
 
   def model(self, dynamic: list) -> Callable:
     return with_kwargs(self.f, self.static.merge(dynamic))
@@ -67,11 +71,6 @@ def put(tree: Any, mesh: Mesh, spec: P) -> Any:
   return jax.tree.map(one, tree)
 
 
-class InteractingExamplesError(ValueError):
-  """The model couples examples (BatchNorm in training, ``independent_samples=False``
-  or a failed row check): a kernel cut into blocks would differ from the whole one."""
-
-
 def _interacting() -> InteractingExamplesError:
   return InteractingExamplesError(
       "ntk_blocked: the model's examples interact (a layer declared coupled, such as "
@@ -81,6 +80,17 @@ def _interacting() -> InteractingExamplesError:
       "is_training=False).")
 
 
+def batch_dependent(req: Request, rest: tuple, tile: Any) -> InteractingExamplesError:
+  """The error for a model whose output shape depends on the batch size."""
+  b = jax.tree.leaves(tile)[0].shape[0]
+  return InteractingExamplesError(
+      f"ntk_blocked: the output shape of `f` depends on the batch size: `f` returned "
+      f"{[req.batch, *req.rest]} for `x1` ({req.batch} examples) but {[b, *rest]} for a "
+      f"tile of {b} examples (`block_size`), so its kernel is not made of blocks. Make "
+      f"every output axis but the first independent of the batch size, or compute the "
+      f"kernel whole with ntklayers.ntk_fn.")
+
+
 def _capture_one(req: Request, params: Any, tile: Any, peer: Any, dynamic: list):
   """The factors of one tile (``params`` left out: they are passed to every round)."""
   f = req.model(dynamic)
@@ -88,20 +98,17 @@ def _capture_one(req: Request, params: Any, tile: Any, peer: Any, dynamic: list)
   setup = prepare(f, params, xs, req.options)
   if setup.mode == _core.COUPLED:
     raise _interacting()
+  if tuple(setup.out_rest) != req.rest:
+    raise batch_dependent(req, setup.out_rest, tile)
+  if req.tiles_as_samples:  # exact when tiles are independent (checked or promised)
+    c = capture_with(dataclasses.replace(setup, mode=_core.COUPLED, check_layers=False),
+                     params, tile)
+    return dataclasses.replace(c, params=None, verified=None), jnp.asarray(True)
   c = capture_with(setup, params, tile)
   # NaN or inf factors fail the row checks; they are not interaction: the kernel
   # carries them and warns.
   ok = c.verified | ~_finite((c.layers, c.fallback_jacobians))
   return dataclasses.replace(c, params=None, verified=None), ok
-
-
-def rows_proven(req: Request, params: Any, xs: tuple, dynamic: list) -> bool:
-  """Whether output rows are provably functions of their own examples only
-  (``_rowproof`` on the traced model; refuses models declared coupled)."""
-  setup = prepare(req.model(dynamic), params, xs, req.options)
-  if setup.mode == _core.COUPLED:
-    raise _interacting()
-  return _core.prove_rows(setup, params, xs)
 
 
 def _finite(tree: Any) -> jax.Array:

@@ -6,48 +6,44 @@ positioned writes as they finish: a writable memory map would count every
 written page in the process's resident memory, which is what ``out=`` exists to
 bound. Beside the file:
 
-- ``<out>.ntk.json``: the fingerprint of the request (parameters, inputs, model
-  keyword arguments, options, kernel shape, dtype and block size), written once;
-- ``<out>.ntk.p<k>.log``: one line ``i j`` per finished block, appended by
-  process ``k`` after the block's bytes are written. A killed process loses at
-  most the block in flight; a torn last line is ignored.
+- ``<out>.ntk.json`` (the *sidecar*): the fingerprint of the request and a random
+  run id, created (atomically) before the file and never rewritten;
+- ``<out>.ntk.p<k>.log``: one line per finished block, appended by process ``k``:
+  ``<run id> <i> <j> <crc32 of the block's bytes> <crc32 of the line>``.
 
-Resuming with the same request skips every logged block and finishes the same
-bytes; a different request is refused, naming what differs.
+A block is trusted only when its bytes, its log line and the sidecar belong to
+the same request: the line carries the sidecar's run id and a checksum of
+itself, and on resume every logged block's bytes are read back and checked
+against its checksum. Writes are ordered (a round's block bytes, ``fsync``,
+then their log lines, ``fsync``), so ``kill -9`` at any instant loses at most
+the blocks in flight. Damage is either repaired with a warning (a truncated
+file is extended, blocks and lines that fail their checksums are recomputed) or
+refused with a message naming the files to remove (an unreadable sidecar, a
+foreign header). This module imports only the standard library and NumPy (the
+kill tests drive it in light subprocesses).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import mmap
 import os
-from collections.abc import Iterable
+import secrets
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-FORMAT = 1
+from ntklayers._large import _store_files as files
+from ntklayers._large._store_files import FORMAT, StoreError, log_path, read_request, sidecar
 
+Index = tuple[slice, ...]
+Pair = tuple[int, int]
+#: ``regions(pair)``: where block ``pair`` lies in the kernel, in write order.
+Regions = Callable[[Pair], Sequence[Index]]
 
-def _leaf_bytes(leaf: Any) -> bytes:
-  if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    leaf = jax.random.key_data(leaf)
-  a = np.asarray(leaf)
-  return f"{a.dtype.str}{a.shape}".encode() + np.ascontiguousarray(a).tobytes()
-
-
-def digest(*trees: Any) -> str:
-  """A SHA-256 digest of pytrees: their structure, shapes, dtypes and values."""
-  h = hashlib.sha256()
-  for tree in trees:
-    leaves, treedef = jax.tree.flatten(tree)
-    h.update(str(treedef).encode())
-    for leaf in leaves:
-      h.update(_leaf_bytes(leaf) if hasattr(leaf, "shape") else repr(leaf).encode())
-  return h.hexdigest()[:32]
+__all__ = ["FORMAT", "MemoryStore", "NpyStore", "StoreError", "host_array", "read_request",
+           "sidecar", "log_path"]
 
 
 def host_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -68,138 +64,230 @@ class MemoryStore:
 
   def __init__(self, shape: tuple[int, ...], dtype: Any):
     self.array = host_array(shape, dtype)
-    self.done: set[tuple[int, int]] = set()
+    self.done: set[Pair] = set()
 
-  def write(self, index: tuple[slice, ...], block: np.ndarray) -> None:
-    self.array[index] = block
-
-  def finish(self, pair: tuple[int, int]) -> None:
+  def put(self, pair: Pair, items: Sequence[tuple[Index, np.ndarray]]) -> None:
+    for index, block in items:
+      self.array[index] = block
     self.done.add(pair)
+
+  def commit(self) -> None:
+    pass
 
   def result(self) -> np.ndarray:
     return self.array
 
 
-def sidecar(path: str) -> str:
-  return f"{path}.ntk.json"
+def full_request(request: dict[str, Any], shape: tuple[int, ...], dtype: Any) -> dict:
+  """The recorded request: the fingerprint, the format, the kernel's shape and dtype."""
+  return dict(request, format=FORMAT, shape=list(shape), dtype=np.dtype(dtype).str)
 
 
-def read_request(path: str) -> dict | None:
-  """The recorded request of an earlier run writing ``path``, if any."""
-  try:
-    with open(sidecar(path), encoding="utf-8") as fh:
-      return json.load(fh)
-  except FileNotFoundError:
+def check_request(path: str, recorded: dict, request: dict) -> None:
+  """Refuses a sidecar that records a request other than ``request`` (of
+  :func:`full_request`), naming each field that differs and every file to remove."""
+  differ = sorted(k for k in (set(recorded) | set(request)) - {"run", "blocks"}
+                  if recorded.get(k) != request.get(k))
+  if differ:
+    shown = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {request.get(k)!r}"
+                      for k in differ)
+    raise ValueError(
+        f"`out`={path!r} holds a partial kernel of a different request ({shown}). "
+        f"Resume with the same model, params, inputs and options, or "
+        f"{files.start_over(path, 'remove')}")
+
+
+def progress(path: str) -> tuple[int, int] | None:
+  """``(finished, total)`` blocks of the ``ntk_blocked(out=path)`` file by its logs
+  (lines of its run; bytes not re-read), ``None`` if ``path`` has no sidecar. For
+  readers of a kernel file: fewer finished than total means an unfinished kernel
+  (its missing blocks read as zeros)."""
+  record = read_request(path)
+  if record is None:
     return None
+  done = {pair for name in files.log_names(path)
+          for _, pair, _ in files.Log.read(name, record["run"], None).lines}
+  return len(done), int(record.get("blocks", -1))
 
 
 class NpyStore:
-  """The kernel as a ``.npy`` file at ``path``, resumable (module docstring)."""
+  """The kernel as a ``.npy`` file at ``path``, resumable (module docstring).
 
-  def __init__(self, path: str, shape: tuple[int, ...], dtype: Any,
-               request: dict[str, Any], process: int = 0):
+  Args:
+    path: the ``.npy`` file.
+    shape, dtype: the kernel's.
+    request: the fingerprint (``block_size`` and digests, JSON values).
+    regions: where each block of the schedule lies (:data:`Regions`).
+    pairs: every block of the schedule (a logged pair outside it is damage).
+    process: this process's index (its log is ``<out>.ntk.p<process>.log``).
+  """
+
+  def __init__(self, path: str, shape: tuple[int, ...], dtype: Any, request: dict[str, Any],
+               regions: Regions, pairs: Sequence[Pair], process: int = 0):
     self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
-    self.request = dict(request, format=FORMAT, shape=list(shape), dtype=self.dtype.str)
-    self.process = process
-    self.done: set[tuple[int, int]] = set()
+    self.request = full_request(request, self.shape, self.dtype)
+    self.regions, self.pairs, self.process = regions, frozenset(pairs), process
+    self.layout = files.Layout(self.shape, self.dtype)
+    self.run = ""
+    self.done: set[Pair] = set()
+    self._pending: list[tuple[Pair, int]] = []
     self._fd = -1
-    self._log: Any = None
+    self._log_fd = -1
+
+  # ------------------------------------------------ process 0, before others ---
 
   def create_or_check(self) -> None:
     """Process 0: creates the file and its sidecar, or checks an earlier run's
-    request (a mismatch is refused, naming what differs)."""
+    request (a different one is refused, naming what differs) and repairs its
+    files (module docstring); every log is then left holding trusted lines only."""
     recorded = read_request(self.path)
-    if recorded is not None:
-      self.check(recorded)
-      if not os.path.exists(self.path):  # killed between the sidecar and the file
-        for log in glob.glob(glob.escape(self.path) + ".ntk.p*.log"):
-          os.remove(log)
-        np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
-    elif os.path.exists(self.path):
-      raise FileExistsError(
-          f"`out`={self.path!r} exists but has no progress file {sidecar(self.path)!r}: it "
-          f"was not written by ntk_blocked (or its progress file was deleted). Remove it "
-          f"or choose another path.")
-    else:  # the sidecar first: a file without one is never ours
-      tmp = sidecar(self.path) + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(self.request, fh, indent=1, sort_keys=True)
-      os.replace(tmp, sidecar(self.path))
-      np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
+    if recorded is None:
+      if os.path.exists(self.path):
+        raise FileExistsError(
+            f"`out`={self.path!r} exists but has no progress file {sidecar(self.path)!r}: "
+            f"it was not written by ntk_blocked (or its progress file was deleted), so "
+            f"none of its bytes can be trusted. {files.start_over(self.path)}")
+      self._create()
+      return
+    self.check(recorded)
+    self.run = recorded["run"]
+    if not os.path.exists(self.path):  # killed before the file was made, or deleted
+      lost = sum(len(log.lines) for log in self._logs())
+      files.remove_logs(self.path)
+      files.create_npy(self.path, self.layout)
+      if lost:
+        warnings.warn(
+            f"ntk_blocked: `out`={self.path!r} was missing (deleted?): the {lost} "
+            f"blocks its progress logs recorded are recomputed.", RuntimeWarning,
+            stacklevel=5)
+      return
+    self._repair()
+
+  def _create(self) -> None:
+    files.remove_logs(self.path)  # stale logs of an earlier request never count
+    self.run = secrets.token_hex(8)
+    files.write_sidecar(self.path, dict(self.request, run=self.run, blocks=len(self.pairs)))
+    self._create_npy()
+
+  def _create_npy(self) -> None:
+    files.create_npy(self.path, self.layout)
 
   def check(self, recorded: dict) -> None:
-    differ = sorted(k for k in set(recorded) | set(self.request)
-                    if recorded.get(k) != self.request.get(k))
-    if differ:
-      shown = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {self.request.get(k)!r}"
-                        for k in differ)
-      raise ValueError(
-          f"`out`={self.path!r} holds a partial kernel of a different request "
-          f"({shown}). Resume with the same params, inputs and options, or remove "
-          f"{self.path!r} and {sidecar(self.path)!r} to start over.")
+    """Refuses a sidecar that records a different request, naming each field."""
+    check_request(self.path, recorded, self.request)
+
+  def _logs(self) -> list[files.Log]:
+    return [files.Log.read(name, self.run, self.pairs)
+            for name in files.log_names(self.path)]
+
+  def _repair(self) -> None:
+    """Checks the header and size, verifies every logged block against the bytes,
+    rewrites logs that hold anything else; warns about what is recomputed."""
+    size, full = files.check_npy(self.path, self.layout)
+    files.remove_log_temporaries(self.path)  # of a rewrite killed half-way
+    if size < full:
+      os.truncate(self.path, full)  # the lost tail reads as zeros: fails its checksums
+    logs = self._logs()
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      seen: set[Pair] = set()
+      failed = 0
+      for log in logs:
+        kept = []
+        for line, pair, crc in log.lines:
+          if pair in seen:
+            continue
+          if self._crc(fd, pair) == crc:
+            seen.add(pair)
+            kept.append(line)
+          else:
+            failed += 1
+        if kept != [line for line, _, _ in log.lines] or log.dropped or log.torn:
+          files.rewrite_log(log.name, kept)
+    finally:
+      os.close(fd)
+    notes = []
+    if size < full:
+      notes.append(f"`out`={self.path!r} was truncated ({size} of {full} bytes: a full "
+                   f"disk, a partial copy?) and is extended to its full size")
+    if failed:
+      notes.append(f"{failed} blocks logged as finished in {self.path!r} do not match "
+                   f"their checksums (their bytes were lost or modified)")
+    for log in logs:
+      if log.dropped:
+        notes.append(f"{log.dropped} unreadable lines of {log.name!r} (damaged, edited or "
+                     f"of another run) are dropped")
+    if notes:
+      warnings.warn(f"ntk_blocked: {'; '.join(notes)}. The blocks concerned are "
+                    f"recomputed; the others are kept.", RuntimeWarning, stacklevel=6)
+
+  def _crc(self, fd: int, pair: Pair) -> int:
+    crc = 0
+    for index in self.regions(pair):
+      for offset, nbytes in self.layout.segments(index):
+        crc = files.crc_of_range(fd, offset, nbytes, crc)
+    return crc
+
+  # --------------------------------------------------------- every process ---
 
   def open(self) -> None:
-    """Opens the file for writing and reads which blocks are already finished."""
-    self.done = set(self._finished())
+    """Opens the file for writing and reads the finished blocks (after process 0's
+    :meth:`create_or_check`: every remaining log line is trusted)."""
+    recorded = read_request(self.path)
+    if recorded is None or not os.path.exists(self.path):
+      raise StoreError(f"`out`={self.path!r} or its progress file {sidecar(self.path)!r} "
+                       f"disappeared while starting. {files.start_over(self.path)}")
+    self.run = recorded["run"]
+    self.done = {pair for log in self._logs() for _, pair, _ in log.lines}
     self._fd = os.open(self.path, os.O_RDWR)
-    with open(self.path, "rb") as fh:
-      version = np.lib.format.read_magic(fh)
-      if version == (1, 0):
-        np.lib.format.read_array_header_1_0(fh)
-      else:
-        np.lib.format.read_array_header_2_0(fh)
-      self._offset = fh.tell()
-    log = f"{self.path}.ntk.p{self.process}.log"
-    if os.path.exists(log):  # drop a torn last line (killed mid-write)
-      with open(log, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-          fh.truncate(data.rfind(b"\n") + 1)
-    self._log = open(log, "a", encoding="ascii")
+    self._log_fd = os.open(log_path(self.path, self.process),
+                           os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-  def _finished(self) -> Iterable[tuple[int, int]]:
-    for name in glob.glob(glob.escape(self.path) + ".ntk.p*.log"):
-      with open(name, encoding="ascii") as fh:
-        for line in fh:
-          if line.endswith("\n"):
-            i, j = line.split()
-            yield int(i), int(j)
+  def write(self, index: Index, block: np.ndarray, crc: int = 0) -> int:
+    """Writes ``block`` at ``index`` (row slice, optional column slice) in place;
+    returns the CRC-32 of its bytes continued from ``crc``."""
+    data = np.ascontiguousarray(block, dtype=self.dtype)
+    flat = data.reshape(-1).view(np.uint8).data
+    start = 0
+    for offset, nbytes in self.layout.segments(index):
+      crc = files.pwrite_crc(self._fd, flat[start:start + nbytes], offset, crc)
+      start += nbytes
+    if start != data.nbytes:
+      raise ValueError(f"block of shape {block.shape} does not fill {index} of the "
+                       f"kernel {self.shape}")
+    return crc
 
-  def write(self, index: tuple[slice, ...], block: np.ndarray) -> None:
-    """Writes ``block`` at ``index`` (row slice, optional column slice) in place."""
-    block = np.ascontiguousarray(block, dtype=self.dtype)
-    item = self.dtype.itemsize
-    row = int(np.prod(self.shape[1:])) * item
-    rows = index[0]
-    if len(index) == 1:  # whole rows: one contiguous write
-      _pwrite(self._fd, block.tobytes(), self._offset + rows.start * row)
+  def put(self, pair: Pair, items: Sequence[tuple[Index, np.ndarray]]) -> None:
+    """Writes block ``pair`` (its regions, e.g. a block and its mirror image); it
+    counts as finished after the next :meth:`commit`."""
+    crc = 0
+    for index, block in items:
+      crc = self.write(index, block, crc)
+    self._pending.append((pair, crc))
+
+  def commit(self) -> None:
+    """Makes the written blocks durable, then logs them (in that order)."""
+    if not self._pending:
       return
-    cols = index[1]
-    inner = int(np.prod(self.shape[2:])) * item
-    for r in range(rows.stop - rows.start):
-      _pwrite(self._fd, block[r].tobytes(),
-              self._offset + (rows.start + r) * row + cols.start * inner)
+    pending, self._pending = self._pending, []  # interrupted below: never logged twice
+    os.fsync(self._fd)
+    self._append(b"".join(files.log_line(self.run, pair, crc) for pair, crc in pending))
+    self.done.update(pair for pair, _ in pending)
 
-  def finish(self, pair: tuple[int, int]) -> None:
-    """Records ``pair`` as finished (after its bytes are written)."""
-    self._log.write(f"{pair[0]} {pair[1]}\n")
-    self._log.flush()
-    self.done.add(pair)
+  def _append(self, lines: bytes) -> None:
+    files.write_all(self._log_fd, lines)  # one write: O_APPEND, whole lines
+    os.fsync(self._log_fd)
 
   def close(self) -> None:
-    if self._fd >= 0:
-      os.close(self._fd)
-      self._fd = -1
-    if self._log is not None:
-      self._log.close()
-      self._log = None
+    """Logs what was written (as :meth:`commit`), then closes the file and the log."""
+    try:
+      if self._fd >= 0 and self._log_fd >= 0:
+        self.commit()
+    finally:
+      for fd in (self._fd, self._log_fd):
+        if fd >= 0:
+          os.close(fd)
+      self._fd = self._log_fd = -1
 
   def result(self) -> np.ndarray:
     return np.load(self.path, mmap_mode="r")
-
-
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
-  view = memoryview(data)
-  while view:
-    written = os.pwrite(fd, view, offset)
-    view, offset = view[written:], offset + written

@@ -13,6 +13,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 PROG = "ntklayers"
 
@@ -57,14 +58,13 @@ def progress(command: str, total: int | None) -> Iterator[Progress]:
   never silent.
   """
   tty = sys.stderr.isatty()
-  tqdm = None
+  bar: Any = None
   if tty:
     try:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=total, unit="step", leave=False, file=sys.stderr)
     except ImportError:
       pass
-  bar = None if tqdm is None else tqdm(total=total, unit="step", leave=False,
-                                       file=sys.stderr)
   current: list = []  # [name, start time, index]
 
   def finish() -> None:

@@ -85,10 +85,15 @@ class Tapped:
 
   _ntk_tap: Any
 
-  def __call__(self, inputs, *args, **kwargs):
-    out = super().__call__(inputs, *args, **kwargs)  # type: ignore[misc]
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    out = super().__call__(*args, **kwargs)  # type: ignore[misc]
     if not adapters.capturing():
       return out
+    if args:
+      inputs, args = args[0], args[1:]
+    else:  # the input passed by keyword
+      kwargs = dict(kwargs)
+      inputs = kwargs.pop("inputs") if "inputs" in kwargs else kwargs.pop("x")
     return type(self)._ntk_tap(self, out, inputs, args, kwargs)
 
 

@@ -4,7 +4,10 @@
   differentiable kernel of :func:`ntklayers.ntk_fn` so that the NTK on a probe
   batch has a target mean eigenvalue and a low condition number.
 * :func:`lsuv` is the standard data-dependent baseline (Mishkin & Matas 2016) for
-  Haiku models; :func:`layer_variances` reads each layer's output variance.
+  Haiku models; :func:`layer_variances` reads each layer's output variance. Layers
+  inside ``hk.layer_stack`` are rescaled slice by slice, and inside ``hk.scan``,
+  ``hk.remat``, ``hk.vmap`` and ``jit`` as elsewhere; a layer whose output cannot
+  be seen (inside a ``while`` or ``cond``) is refused, never reported as rescaled.
 
 Example:
   >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers, ntklayers.init as ni

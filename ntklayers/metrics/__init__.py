@@ -5,7 +5,10 @@ as a matrix by one rule (see :func:`flatten`): ``[N1, N2, O, O] -> [N1·O, N2·O
 with row ``n·O + o``, ``[N1, N2]`` as is, ``[N1, N2, A, A, C, C] -> [N1·A·C,
 N2·A·C]``. Diagonal layouts (``diagonal_axes``) are accepted by :func:`trace` and
 :func:`relative_change` only. :func:`lambda_max_matrix_free` gets ``λmax``
-without forming the kernel.
+without forming the kernel. Every metric of a kernel with a NaN or an inf is
+NaN; every metric but :func:`max_stable_lr` (and the reshape :func:`flatten`)
+takes a ``layerwise=True`` dict and returns a dict. :func:`max_stable_lr` knows
+mean squared error and softmax cross-entropy (``loss=``).
 
 Example:
   >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers, ntklayers.metrics as nm
@@ -19,17 +22,30 @@ Example:
 
 from ntklayers.metrics._lanczos import lambda_max_matrix_free
 from ntklayers.metrics._lanczos import lanczos_lambda_max
-from ntklayers.metrics._lanczos import ntk_matvec
+from ntklayers._large import ntk_matvec
+from ntklayers.metrics._losses import max_stable_lr
 from ntklayers.metrics._spectral import condition_number
 from ntklayers.metrics._spectral import effective_rank
 from ntklayers.metrics._spectral import eigvalsh
 from ntklayers.metrics._spectral import flatten
 from ntklayers.metrics._spectral import lambda_max
 from ntklayers.metrics._spectral import lambda_min
-from ntklayers.metrics._spectral import max_stable_lr
 from ntklayers.metrics._spectral import trace
 from ntklayers.metrics._similarity import alignment
 from ntklayers.metrics._similarity import relative_change
+
+# Shared with ntklayers.optax and ntklayers.trainability through this door (the
+# loss-aware stability bound, the finiteness flag, label handling); not public API.
+from ntklayers.metrics._losses import LOSSES  # noqa: E402,F401
+from ntklayers.metrics._losses import check_logits  # noqa: E402,F401
+from ntklayers.metrics._losses import check_loss  # noqa: E402,F401
+from ntklayers.metrics._losses import kernel_bound  # noqa: E402,F401
+from ntklayers.metrics._losses import label as loss_label  # noqa: E402,F401
+from ntklayers.metrics._losses import matrix_free_bound  # noqa: E402,F401
+from ntklayers.metrics._losses import needs_outputs  # noqa: E402,F401
+from ntklayers.metrics._similarity import default_num_classes  # noqa: E402,F401
+from ntklayers.metrics._spectral import _axes as diagonal_axes_tuple  # noqa: E402,F401
+from ntklayers.metrics._spectral import finite  # noqa: E402,F401
 
 __all__ = (
     "alignment",

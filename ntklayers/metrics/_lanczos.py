@@ -13,14 +13,15 @@ the model. With ``block_size=b`` the products run over tiles of ``b`` examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Also re-exported from here (`ntklayers.metrics._lanczos.ntk_matvec`, `metrics.ntk_matvec`).
-from ntklayers._large import ntk_matvec
+from ntklayers._large import make_matvec
 
 
 @jax.custom_jvp
@@ -47,6 +48,36 @@ def _symmetric_eigenvalues_jvp(primals, tangents):
   return w, jnp.einsum("ij,ik,kj->j", v, dmat, v)
 
 
+def _positive_int(value: Any, name: str) -> int:
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+      or value < 1):
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  return int(value)
+
+
+def _check_key(key: Any) -> jax.Array:
+  """A PRNG key: typed (``jax.random.key``) or raw ``uint32[2]`` (``PRNGKey``)."""
+  dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+  typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+  if not (typed and shape == () or dtype == jnp.uint32 and shape == (2,)):
+    raise TypeError(f"`key` must be a PRNG key (jax.random.key(seed)) or None, got "
+                    f"{type(key).__name__} of dtype {dtype} and shape {shape}.")
+  return key
+
+
+def _apply(matvec: Callable, v: jax.Array, dim: int) -> jax.Array:
+  """``matvec(v)``, which must map ``[dim]`` to ``[dim]`` (errors name ``dim``)."""
+  try:
+    w = matvec(v)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"`matvec` failed on a vector of shape [{dim}] (`dim`={dim}: is it "
+                     f"the operator's size?): {type(e).__name__}: {e}") from e
+  if getattr(w, "shape", None) != (dim,) or not jnp.issubdtype(w.dtype, jnp.number):
+    raise ValueError(f"`matvec` must map [{dim}] (`dim`) to [{dim}], got "
+                     f"{jax.tree.map(lambda a: f'{a.dtype}{list(a.shape)}', w)}.")
+  return w
+
+
 def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
                        num_iters: int = 32, key: jax.Array | None = None,
                        dtype: Any = None,
@@ -71,7 +102,8 @@ def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
       vector ``u``, which bounds the distance from ``θ`` to an eigenvalue of ``A``.
 
   Returns:
-    Scalar ``θ ≈ λmax``, or ``(θ, residual)`` if ``return_bound``.
+    Scalar ``θ ≈ λmax``, or ``(θ, residual)`` if ``return_bound``; NaN (both)
+    when a product was not finite (a kernel with NaN or inf).
 
   References:
     Golub and Van Loan, "Matrix Computations", 4th ed., §10.1 (Lanczos) and
@@ -83,12 +115,14 @@ def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
     >>> round(float(nm.lanczos_lambda_max(lambda v: A @ v, 10)), 4)
     10.0
   """
-  if not isinstance(dim, int) or dim < 1:
-    raise ValueError(f"`dim` must be a positive int, got {dim!r}.")
-  if not isinstance(num_iters, int) or num_iters < 1:
-    raise ValueError(f"`num_iters` must be a positive int, got {num_iters!r}.")
+  if not callable(matvec):
+    raise TypeError(f"`matvec` must be callable as matvec(v), got {type(matvec).__name__}.")
+  dim = _positive_int(dim, "dim")
+  num_iters = _positive_int(num_iters, "num_iters")
+  if not isinstance(return_bound, (bool, np.bool_)):
+    raise TypeError(f"`return_bound` must be a bool, got {return_bound!r}.")
   k = min(num_iters, dim)
-  key = jax.random.key(0) if key is None else key
+  key = jax.random.key(0) if key is None else _check_key(key)
   dtype = jnp.dtype(jnp.result_type(float) if dtype is None else dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"`dtype` must be a float dtype, got {dtype}.")
@@ -102,10 +136,7 @@ def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
   def step(j, carry):
     V, alpha, beta, scale = carry
     v = V[j]
-    w = matvec(v)
-    if w.shape != (dim,):
-      raise ValueError(f"`matvec` must map [{dim}] to [{dim}], got {w.shape}.")
-    w = w.astype(dtype)
+    w = _apply(matvec, v, dim).astype(dtype)
     a = jnp.vdot(v, w)
     scale = jnp.maximum(scale, jnp.linalg.norm(w))
     w = orthogonalize(V, w)
@@ -122,16 +153,21 @@ def lanczos_lambda_max(matvec: Callable[[jax.Array], jax.Array], dim: int, *,
   _, alpha, beta, _ = jax.lax.fori_loop(0, k, step, (V, zeros, zeros, zeros[0]))
   T = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
   evals, evecs = jnp.linalg.eigh(T)
-  theta = evals[-1]
+  # A non-finite product anywhere makes the estimate NaN (eigh may otherwise
+  # return the largest finite eigenvalue of a partly NaN matrix).
+  finite = jnp.all(jnp.isfinite(alpha)) & jnp.all(jnp.isfinite(beta))
+  theta = jnp.where(finite, evals[-1], jnp.nan)
   if return_bound:
-    return theta, jnp.abs(beta[-1] * evecs[-1, -1])
+    return theta, jnp.where(finite, jnp.abs(beta[-1] * evecs[-1, -1]), jnp.nan)
   return theta
 
 
-def lambda_max_matrix_free(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
+def lambda_max_matrix_free(f: Callable[..., jax.Array], params: Any, x: Any, *,
                            num_iters: int = 32, key: jax.Array | None = None,
                            trainable: Any = None, return_bound: bool = False,
-                           block_size: int | None = None) -> Any:
+                           block_size: int | None = None,
+                           model_kwargs: Mapping[str, Any] | None = None,
+                           independent_samples: bool | None = None) -> Any:
   """``λmax`` of the NTK of ``f`` on the batch ``x`` without forming the kernel.
 
   Lanczos (:func:`lanczos_lambda_max`) on ``v ↦ J (Jᵀ v)`` in the space of
@@ -143,7 +179,7 @@ def lambda_max_matrix_free(f: Callable[[Any, Any], jax.Array], params: Any, x: A
   :func:`max_stable_lr`).
 
   Args:
-    f: ``f(params, x) -> [N, ...]``.
+    f: ``f(params, x, **model_kwargs) -> [N, ...]``.
     params: parameters (a pytree).
     x: batch (a pytree of arrays ``[N, ...]``).
     num_iters: Lanczos steps (capped at ``N·O``).
@@ -154,8 +190,12 @@ def lambda_max_matrix_free(f: Callable[[Any, Any], jax.Array], params: Any, x: A
       :func:`lanczos_lambda_max`).
     block_size: ``None`` (one linearization of the whole batch) or ``b``: each
       matvec runs over tiles of ``b`` examples, so memory holds ``O(b)``
-      activations instead of ``O(N)``; requires examples to be independent (see
-      :func:`ntk_matvec`).
+      activations instead of ``O(N)``; requires examples proven independent from
+      the program, eagerly and under ``jax.jit`` alike (see :func:`ntk_matvec`),
+      else ``InteractingExamplesError``.
+    model_kwargs: keyword arguments of ``f`` (default none), as in :func:`ntk_matvec`.
+    independent_samples: ``None`` proves that tiles are exact; ``True`` promises
+      it (skips the proof); ``False`` refuses ``block_size`` (see :func:`ntk_matvec`).
 
   Returns:
     Scalar ``λmax`` in the output dtype, or ``(λmax, residual)``.
@@ -170,7 +210,9 @@ def lambda_max_matrix_free(f: Callable[[Any, Any], jax.Array], params: Any, x: A
     >>> bool(jnp.isclose(lam, nm.lambda_max(K), rtol=1e-4))
     True
   """
-  matvec, dim, dtype = ntk_matvec(f, params, x, block_size=block_size,
-                                  trainable=trainable)
+  matvec, dim, dtype = make_matvec(f, params, x, block_size=block_size,
+                                   trainable=trainable, model_kwargs=model_kwargs,
+                                   independent_samples=independent_samples,
+                                   caller="lambda_max_matrix_free")
   return lanczos_lambda_max(matvec, dim, num_iters=num_iters, key=key, dtype=dtype,
                             return_bound=return_bound)

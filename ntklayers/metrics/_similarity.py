@@ -1,18 +1,36 @@
 """Kernel comparisons: kernel-target alignment and the relative kernel change.
 
 Pure, jittable; kernels are read by the flattening rule of
-:func:`ntklayers.metrics.flatten`.
+:func:`ntklayers.metrics.flatten`. A non-finite kernel (or target) gives NaN;
+layerwise dicts give dicts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ntklayers.metrics._spectral import Kernels, _kernel, _square
+from ntklayers.metrics._spectral import Kernels, Values, _kernel, _per_layer, _square
+from ntklayers.metrics._spectral import finite, nan_unless
+
+
+def default_num_classes(y: Any, num_classes: int | None,
+                        out_shape: Sequence[int] | None) -> int | None:
+  """``num_classes`` for integer labels ``[N]`` when not given: the model's ``O``.
+
+  The rule of ``check_trainability`` and the monitor: labels ``[N]`` of a model
+  with outputs ``[N, O]`` are one-hot over ``O`` classes; otherwise unchanged.
+  """
+  if num_classes is not None or y is None or out_shape is None or len(out_shape) != 2:
+    return num_classes
+  y = jnp.asarray(y)
+  if jnp.issubdtype(y.dtype, jnp.integer) and y.ndim == 1:
+    return int(out_shape[-1])
+  return num_classes
 
 
 def _targets(y: ArrayLike, n: int, m: int, num_classes: int | None, dtype) -> jax.Array:
@@ -40,9 +58,9 @@ def _targets(y: ArrayLike, n: int, m: int, num_classes: int | None, dtype) -> ja
                    f"flattened kernel's {m} rows (outputs) nor its {n} examples.")
 
 
-def alignment(K: ArrayLike, y: ArrayLike, centered: bool = False, *,
+def alignment(K: Kernels, y: ArrayLike, centered: bool = False, *,
               num_classes: int | None = None,
-              diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
+              diagonal_axes: int | Sequence[int] = ()) -> Values:
   """Kernel-target alignment ``⟨K, T⟩_F / (‖K‖_F ‖T‖_F)`` with ``T = Y Yᵀ``.
 
   ``y`` is integer labels ``[N]`` (with ``num_classes``: one-hot), one-hot or
@@ -53,7 +71,9 @@ def alignment(K: ArrayLike, y: ArrayLike, centered: bool = False, *,
   kernel (``trace_axes=(-1,)``), ``Y = y [N, C]`` and ``T_ij = ⟨y_i, y_j⟩``
   (``1[label_i = label_j]`` for one-hot labels). ``centered=True`` replaces
   ``K, T`` by ``HKH, HTH`` with ``H = I − 11ᵀ/M`` (Cortes et al.). A zero
-  (centered) kernel or target, e.g. a single class when centered, gives NaN.
+  (centered) kernel or target, e.g. a single class when centered, gives NaN, and
+  so does a kernel or target with a NaN or an inf. A layerwise dict gives the
+  alignment of each layer's component, ``{name: []}``.
 
   Args:
     K: ``[N, N, O, O]``, ``[N, N]`` or the general full layout.
@@ -63,7 +83,7 @@ def alignment(K: ArrayLike, y: ArrayLike, centered: bool = False, *,
     diagonal_axes: must be empty (see :func:`flatten`).
 
   Returns:
-    Scalar in ``[-1, 1]`` (``[0, 1]`` uncentered for a PSD kernel).
+    Scalar in ``[-1, 1]`` (``[0, 1]`` uncentered for a PSD kernel), or NaN.
 
   References:
     Cristianini et al., "On kernel-target alignment", NeurIPS 2002. Cortes,
@@ -77,9 +97,15 @@ def alignment(K: ArrayLike, y: ArrayLike, centered: bool = False, *,
     >>> round(float(nm.alignment(K, labels, num_classes=2)), 6)
     1.0
   """
+  if isinstance(K, Mapping):
+    return _per_layer(alignment, K, y=y, centered=centered, num_classes=num_classes,
+                      diagonal_axes=diagonal_axes)
   mat = _square(K, diagonal_axes, "alignment")
   m, n = mat.shape[0], jnp.shape(K)[0]
   Y = _targets(y, n, m, num_classes, mat.dtype)
+  ok = finite(mat) & finite(Y)
+  mat = jnp.where(ok, mat, jnp.zeros_like(mat))
+  Y = jnp.where(ok, Y, jnp.zeros_like(Y))
   T = Y @ Y.T
   mat = (mat + mat.T) / 2
   norm_k, norm_t = jnp.linalg.norm(mat), jnp.linalg.norm(T)
@@ -90,14 +116,15 @@ def alignment(K: ArrayLike, y: ArrayLike, centered: bool = False, *,
   tol = jnp.finfo(mat.dtype).eps * m
   nk = jnp.where(jnp.linalg.norm(mat) > tol * norm_k, jnp.linalg.norm(mat), jnp.nan)
   nt = jnp.where(jnp.linalg.norm(T) > tol * norm_t, jnp.linalg.norm(T), jnp.nan)
-  return jnp.sum(mat * T) / (nk * nt)
+  return nan_unless(ok, jnp.sum(mat * T) / (nk * nt))
 
 
 def relative_change(K_t: Kernels, K_0: Kernels) -> Kernels:
   """Relative kernel change ``‖K_t − K_0‖_F / ‖K_0‖_F`` (lazy vs rich training).
 
   Any layout; dicts from ``ntk_fn(..., layerwise=True)`` (or any matching
-  pytrees) give a dict of per-layer changes. Near 0: lazy (kernel) regime.
+  pytrees) give a dict of per-layer changes. Near 0: lazy (kernel) regime. NaN
+  when either kernel has a NaN or an inf.
 
   References:
     Chizat, Oyallon, Bach, "On lazy training in differentiable programming",
@@ -114,7 +141,8 @@ def relative_change(K_t: Kernels, K_0: Kernels) -> Kernels:
     a, b = _kernel(a), _kernel(b)
     if a.shape != b.shape:
       raise ValueError(f"`relative_change`: shapes differ, {a.shape} vs {b.shape}.")
-    return jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel())
+    return nan_unless(finite(a) & finite(b),
+                      jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
   try:
     return jax.tree.map(rel, K_t, K_0)

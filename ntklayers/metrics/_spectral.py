@@ -10,12 +10,24 @@ O, O]`` for ``(0,)``, ``[N1, N2, O]`` for ``(-1,)``) do not hold that matrix and
 cannot always be told apart by shape (``[N1, N2, A, B]`` may be either), so
 functions take the ``diagonal_axes`` given to ``ntk_fn``; only :func:`trace` and
 :func:`relative_change` accept diagonal layouts, the others raise.
+
+Non-finite kernels. A kernel with a NaN or an inf anywhere (an off-diagonal entry
+included) gives NaN for every metric (every eigenvalue for :func:`eigvalsh`): a
+``jnp.where`` on one all-finite flag, so it stays jittable. No metric returns a
+finite number, ``0`` or ``inf`` for such a kernel.
+
+Layerwise dicts. Every metric also takes the ``{name: kernel}`` dict of
+``ntk_fn(..., layerwise=True)`` and returns ``{name: value}``, the metric of each
+layer's component (per-layer traces sum to the model's trace; the other metrics
+are not additive: the model's value is the metric of ``sum(K.values())``).
+:func:`flatten` (one matrix) and ``max_stable_lr`` (the model's bound is that of
+the sum) refuse dicts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +37,7 @@ from jax.typing import ArrayLike
 from ntklayers.metrics._lanczos import symmetric_eigenvalues
 
 Kernels = Any  # an array, or a dict {name: array} from ``ntk_fn(layerwise=True)``
+Values = Any  # a metric's value: an array, or {name: array} for a layerwise dict
 
 _LAYOUT = (
     "`{fn}` expects a kernel in ntk_fn's full layout: [N1, N2], [N1, N2, O, O] or "
@@ -32,12 +45,32 @@ _LAYOUT = (
     "`diagonal_axes` ([N, O, O] for diagonal_axes=(0,), [N1, N2, O] for "
     "diagonal_axes=(-1,)) do not hold the full matrix: recompute with "
     "diagonal_axes=(), or use `trace(K, diagonal_axes=...)`.")
-LOSSES = ("mean", "sum", "elementwise_mean")
 
 
-def _kernel(K: ArrayLike) -> jax.Array:
+def _kernel(K: ArrayLike, fn: str = "metrics") -> jax.Array:
+  if isinstance(K, Mapping):
+    raise ValueError(f"`{fn}` takes one kernel array, got a dict with keys "
+                     f"{sorted(K)} (ntk_fn(..., layerwise=True)?): pass one layer's "
+                     f"kernel, or the model's, sum(K.values()).")
   K = jnp.asarray(K)
   return K if jnp.issubdtype(K.dtype, jnp.inexact) else K.astype(jnp.result_type(float))
+
+
+def _per_layer(fn: Callable[..., Any], K: Mapping[str, Any], **kwargs: Any) -> dict:
+  """``{name: fn(kernel, **kwargs)}`` of a layerwise dict (an empty one is refused)."""
+  if not K:
+    raise ValueError(f"`{fn.__name__}`: the layerwise kernel dict is empty.")
+  return {name: fn(k, **kwargs) for name, k in K.items()}
+
+
+def finite(x: jax.Array) -> jax.Array:
+  """``[]`` bool: every entry of ``x`` is finite (no NaN, no ±inf)."""
+  return jnp.all(jnp.isfinite(x))
+
+
+def nan_unless(ok: jax.Array, value: jax.Array) -> jax.Array:
+  """``value`` where ``ok``, else NaN of its dtype (jittable)."""
+  return jnp.where(ok, value, jnp.full_like(value, jnp.nan))
 
 
 def _axes(diagonal_axes: int | Sequence[int]) -> tuple[int, ...]:
@@ -59,15 +92,15 @@ def flatten(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Arr
     The flattened ``[N1·M, N2·M]`` matrix (``M`` = product of the output sizes).
 
   Raises:
-    ValueError: if ``diagonal_axes`` is not empty or the shape is not
-      ``[N1, N2, (A, A)*]``.
+    ValueError: if ``diagonal_axes`` is not empty, the shape is not
+      ``[N1, N2, (A, A)*]``, or ``K`` is a layerwise dict (flatten each value).
 
   Example:
     >>> import jax.numpy as jnp, ntklayers.metrics as nm
     >>> nm.flatten(jnp.zeros((4, 4, 3, 3))).shape
     (12, 12)
   """
-  K = _kernel(K)
+  K = _kernel(K, "flatten")
   shape, nd = K.shape, K.ndim
   if _axes(diagonal_axes) or nd < 2 or nd % 2 or any(
       shape[i] != shape[i + 1] for i in range(2, nd, 2)):
@@ -78,6 +111,7 @@ def flatten(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Arr
 
 
 def _square(K: ArrayLike, diagonal_axes, fn: str) -> jax.Array:
+  K = _kernel(K, fn)
   try:
     mat = flatten(K, diagonal_axes=diagonal_axes)
   except ValueError:
@@ -88,7 +122,7 @@ def _square(K: ArrayLike, diagonal_axes, fn: str) -> jax.Array:
   return mat
 
 
-def eigvalsh(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
+def eigvalsh(K: Kernels, *, diagonal_axes: int | Sequence[int] = ()) -> Values:
   """Eigenvalues of the symmetrized flattened kernel ``(K + Kᵀ)/2``, ascending.
 
   Args:
@@ -96,22 +130,35 @@ def eigvalsh(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Ar
     diagonal_axes: must be empty (see :func:`flatten`).
 
   Returns:
-    ``[N·O]`` eigenvalues in ascending order.
+    ``[N·O]`` eigenvalues in ascending order (all NaN for a non-finite kernel),
+    or ``{name: [N·O]}`` for a layerwise dict.
 
   Example:
     >>> import jax.numpy as jnp, ntklayers.metrics as nm
     >>> [round(v, 6) for v in nm.eigvalsh(jnp.diag(jnp.array([3., 1., 2.]))).tolist()]
     [1.0, 2.0, 3.0]
   """
+  if isinstance(K, Mapping):
+    return _per_layer(eigvalsh, K, diagonal_axes=diagonal_axes)
   return _spectrum(K, diagonal_axes, "eigvalsh")
 
 
+def eigen(mat: jax.Array) -> jax.Array:
+  """Ascending eigenvalues of ``(mat + matᵀ)/2``, all NaN if ``mat`` is not finite.
+
+  The eigensolver never sees a non-finite matrix (it gets zeros instead), so its
+  cost and result do not depend on where the NaN sits.
+  """
+  ok = finite(mat)
+  ev = symmetric_eigenvalues(jnp.where(ok, (mat + mat.T) / 2, jnp.zeros_like(mat)))
+  return nan_unless(ok, ev)
+
+
 def _spectrum(K: ArrayLike, diagonal_axes, fn: str) -> jax.Array:
-  mat = _square(K, diagonal_axes, fn)
-  return symmetric_eigenvalues((mat + mat.T) / 2)
+  return eigen(_square(K, diagonal_axes, fn))
 
 
-def lambda_max(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
+def lambda_max(K: Kernels, *, diagonal_axes: int | Sequence[int] = ()) -> Values:
   """Largest eigenvalue ``λmax`` of the flattened ``[N·O, N·O]`` kernel (scalar).
 
   For kernels too large to form, see :func:`lambda_max_matrix_free`. Shapes and
@@ -125,10 +172,12 @@ def lambda_max(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.
     >>> float(nm.lambda_max(jnp.diag(jnp.array([3., 1.]))))
     3.0
   """
+  if isinstance(K, Mapping):
+    return _per_layer(lambda_max, K, diagonal_axes=diagonal_axes)
   return _spectrum(K, diagonal_axes, "lambda_max")[-1]
 
 
-def lambda_min(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
+def lambda_min(K: Kernels, *, diagonal_axes: int | Sequence[int] = ()) -> Values:
   """Smallest eigenvalue ``λmin`` of the flattened ``[N·O, N·O]`` kernel (scalar).
 
   ``0`` (up to round-off) when ``N·O`` exceeds the number of parameters.
@@ -142,11 +191,13 @@ def lambda_min(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.
     >>> round(float(nm.lambda_min(jnp.diag(jnp.array([3., 1.])))), 6)
     1.0
   """
+  if isinstance(K, Mapping):
+    return _per_layer(lambda_min, K, diagonal_axes=diagonal_axes)
   return _spectrum(K, diagonal_axes, "lambda_min")[0]
 
 
-def condition_number(K: ArrayLike, *,
-                     diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
+def condition_number(K: Kernels, *,
+                     diagonal_axes: int | Sequence[int] = ()) -> Values:
   """Condition number ``κ = λmax / λmin`` of the flattened kernel.
 
   This is the convention of TE-NAS (Chen et al. 2021) and Xiao et al. (2020);
@@ -162,7 +213,7 @@ def condition_number(K: ArrayLike, *,
     diagonal_axes: must be empty (see :func:`flatten`).
 
   Returns:
-    Scalar ``κ >= 1``, or ``inf``.
+    Scalar ``κ >= 1``, ``inf``, or NaN for a non-finite kernel.
 
   References:
     Chen, Gong, Wang, "Neural architecture search on ImageNet in four GPU hours:
@@ -175,12 +226,15 @@ def condition_number(K: ArrayLike, *,
     >>> float(nm.condition_number(jnp.diag(jnp.array([4., -1.]))))  # indefinite
     inf
   """
+  if isinstance(K, Mapping):
+    return _per_layer(condition_number, K, diagonal_axes=diagonal_axes)
   ev = _spectrum(K, diagonal_axes, "condition_number")
   lo, hi = ev[0], ev[-1]
-  return jnp.where(lo <= 0, jnp.inf, hi / jnp.where(lo <= 0, 1, lo))
+  kappa = jnp.where(lo <= 0, jnp.inf, hi / jnp.where(lo <= 0, 1, lo))
+  return nan_unless(~jnp.isnan(hi), kappa)
 
 
-def trace(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
+def trace(K: Kernels, *, diagonal_axes: int | Sequence[int] = ()) -> Values:
   """Trace ``tr Θ = Σ_{n,o} ‖∂f_o(x_n)/∂θ‖²`` (a sum of eigenvalues).
 
   Works on every layout: ``[N, N, O, O]`` and ``[N, N]`` as well as diagonal ones
@@ -200,7 +254,9 @@ def trace(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Array
     >>> float(nm.trace(jnp.ones((2, 3, 3)), diagonal_axes=(0,)))
     6.0
   """
-  K = _kernel(K)
+  if isinstance(K, Mapping):
+    return _per_layer(trace, K, diagonal_axes=diagonal_axes)
+  K = _kernel(K, "trace")
   diag = _axes(diagonal_axes)
   rank2 = K.ndim + len(diag)
   if rank2 % 2 or rank2 < 2:
@@ -221,15 +277,15 @@ def trace(K: ArrayLike, *, diagonal_axes: int | Sequence[int] = ()) -> jax.Array
                          f"{K.shape} (diagonal_axes={tuple(diag_set)}).")
       letters += [c, c]
       i += 2
-  return jnp.einsum("".join(letters) + "->", K)
+  return nan_unless(finite(K), jnp.einsum("".join(letters) + "->", K))
 
 
-def effective_rank(K: ArrayLike, *,
-                   diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
+def effective_rank(K: Kernels, *,
+                   diagonal_axes: int | Sequence[int] = ()) -> Values:
   """Effective rank ``exp(-Σ p_i log p_i)`` with ``p = λ⁺ / Σ λ⁺``, ``λ⁺ = max(λ, 0)``.
 
   Between 1 (one dominant direction) and ``N·O`` (flat spectrum); 0 for a zero
-  kernel.
+  kernel; NaN for a non-finite one.
 
   References:
     Roy and Vetterli, "The effective rank: a measure of effective
@@ -240,55 +296,11 @@ def effective_rank(K: ArrayLike, *,
     >>> round(float(nm.effective_rank(jnp.eye(5))), 6)
     5.0
   """
-  ev = jnp.clip(_spectrum(K, diagonal_axes, "effective_rank"), 0)
+  if isinstance(K, Mapping):
+    return _per_layer(effective_rank, K, diagonal_axes=diagonal_axes)
+  spectrum = _spectrum(K, diagonal_axes, "effective_rank")
+  ev = jnp.clip(spectrum, 0)
   total = jnp.sum(ev)
   p = ev / jnp.where(total > 0, total, 1)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1)), 0))
-  return jnp.where(total > 0, jnp.exp(entropy), 0)
-
-
-def max_stable_lr(K: ArrayLike, *, loss: str = "mean",
-                  diagonal_axes: int | Sequence[int] = ()) -> jax.Array:
-  """Largest stable learning rate of full-batch gradient descent on MSE.
-
-  For ``L = (c/2) Σ_{n,o} (f_o(x_n) − y_no)²`` the linearized dynamics are
-  ``f_{t+1} − y = (I − η c Θ)(f_t − y)`` (``Θ`` the flattened ``[N·O, N·O]``
-  kernel), which converge iff ``|1 − η c λ_i| < 1`` for all ``i``, i.e.
-  ``η < 2 / (c λmax)``:
-
-  * ``loss="mean"``: ``L = 1/N Σ_n ½‖f(x_n) − y_n‖²``, ``c = 1/N``: ``η < 2N/λmax``;
-  * ``loss="sum"``: ``L = Σ_n ½‖f(x_n) − y_n‖²``, ``c = 1``: ``η < 2/λmax``;
-  * ``loss="elementwise_mean"``: ``optax.l2_loss(f, y).mean()``, ``c = 1/(N·O)``:
-    ``η < 2NO/λmax``.
-
-  Args:
-    K: kernel ``[N, N, O, O]`` (or ``[N, N]``, general full layout).
-    loss: the loss normalization, as above.
-    diagonal_axes: must be empty (see :func:`flatten`).
-
-  Losses without the ½ (``optax.squared_error``) halve the bound. Use the full
-  ``[N, N, O, O]`` kernel of the batch being trained on; for ``[N, N]`` kernels
-  ``O = 1``. For Adam or cross-entropy this is only a heuristic. A nonlinear
-  model above the bound first moves away from the minimum; it then diverges or
-  "catapults" to flatter params whose own bound is ``η`` (the edge of stability;
-  Lewkowycz et al. 2020, Cohen et al. 2021; ``tests/test_optax.py``).
-
-  Returns:
-    Scalar bound (``inf`` for a zero kernel).
-
-  References:
-    Lee et al., "Wide neural networks of any depth evolve as linear models under
-    gradient descent", NeurIPS 2019 (η_critical).
-
-  Example:
-    >>> import jax.numpy as jnp, ntklayers.metrics as nm
-    >>> float(nm.max_stable_lr(4 * jnp.eye(8)))  # 2 * 8 / 4
-    4.0
-  """
-  if loss not in LOSSES:
-    raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
-  ev = _spectrum(K, diagonal_axes, "max_stable_lr")
-  n, m = jnp.shape(K)[0], ev.shape[0]
-  scale = {"mean": n, "sum": 1, "elementwise_mean": m}[loss]
-  hi = ev[-1]
-  return jnp.where(hi > 0, 2 * scale / jnp.where(hi > 0, hi, 1), jnp.inf)
+  return nan_unless(~jnp.isnan(spectrum[-1]), jnp.where(total > 0, jnp.exp(entropy), 0))

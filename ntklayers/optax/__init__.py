@@ -4,12 +4,16 @@
   current parameters on a probe batch every ``every`` steps, with a ring-buffer
   history, leaving the updates unchanged.
 * :func:`step_size_guard` scales the updates so the step stays below a safety
-  fraction of the NTK stability bound ``2N/λmax`` (MSE, gradient descent).
+  fraction of the NTK stability bound of gradient descent for the loss trained
+  (``2N/λmax`` for MSE, ``loss="softmax_cross_entropy"`` for cross-entropy); a
+  non-finite measurement keeps the last safe scale and is counted.
 * :func:`monitor_values`, :func:`monitor_history` and :func:`monitor_state` read
   a monitor's state out of an optimizer state (e.g. of ``optax.chain``);
   ``optax.tree_utils.tree_get(opt_state, "lambda_max")`` works as well.
 
-Both transformations need ``params``: ``opt.update(grads, opt_state, params)``.
+Both transformations need ``params``: ``opt.update(grads, opt_state, params)``,
+and the whole model's: chain them outside ``optax.multi_transform`` /
+``optax.masked``.
 Requires optax (``pip install optax``).
 
 Example:
@@ -35,13 +39,13 @@ try:
 except ImportError as e:  # pragma: no cover
   raise ImportError("ntklayers.optax needs optax: pip install optax") from e
 
+from ntklayers.optax._guard import NTKStepSizeGuardState
+from ntklayers.optax._guard import step_size_guard
 from ntklayers.optax._monitor import NTKMonitorState
-from ntklayers.optax._monitor import NTKStepSizeGuardState
 from ntklayers.optax._monitor import monitor
 from ntklayers.optax._monitor import monitor_history
 from ntklayers.optax._monitor import monitor_state
 from ntklayers.optax._monitor import monitor_values
-from ntklayers.optax._monitor import step_size_guard
 
 __all__ = (
     "NTKMonitorState",

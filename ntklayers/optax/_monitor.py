@@ -1,9 +1,11 @@
-"""NTK monitoring and an NTK step-size guard as optax gradient transformations.
+"""NTK monitoring as an optax gradient transformation (the guard: ``_guard.py``).
 
-Both are :class:`optax.GradientTransformationExtraArgs` with pure ``init`` /
-``update`` and NamedTuple states, so they compose with ``optax.chain`` and run
-inside a jitted train step. They need the current parameters: call
-``opt.update(grads, opt_state, params)``. Every ``every`` update calls (step 0
+The monitor and :func:`ntklayers.optax.step_size_guard` are
+:class:`optax.GradientTransformationExtraArgs` with pure ``init`` / ``update`` and
+NamedTuple states, so they compose with ``optax.chain`` and run inside a jitted
+train step. They need the current parameters of the whole model: call
+``opt.update(grads, opt_state, params)``, outside ``optax.multi_transform`` /
+``optax.masked`` (:func:`check_params`). Every ``every`` update calls (step 0
 included) they compute the NTK of ``f`` at ``params`` on a fixed probe batch,
 inside a ``lax.cond``, so the other steps pay nothing for the kernel.
 
@@ -23,9 +25,7 @@ import numpy as np
 import optax
 
 from ntklayers import _core as _api
-from ntklayers.metrics import _lanczos
-from ntklayers.metrics import _spectral as _metrics
-from ntklayers.metrics import _similarity
+from ntklayers import metrics as _m
 
 Metric = str | Callable[[jax.Array], jax.Array]
 DEFAULT_METRICS = ("lambda_max", "lambda_min", "condition_number", "trace",
@@ -65,43 +65,71 @@ class NTKMonitorState(NamedTuple):
   kernel0: jax.Array | None
 
 
-class NTKStepSizeGuardState(NamedTuple):
-  """State of :func:`step_size_guard`.
-
-  Attributes:
-    count: ``[]`` int32, number of ``update`` calls so far.
-    scale: ``[]`` factor multiplying the updates, ``min(1, safety·stable_lr/lr)``.
-    stable_lr: ``[]`` last bound ``2N/λmax`` (for ``loss="mean"``), NaN before.
-    probe_lambda_max: ``[]`` last ``λmax`` of the probe kernel, NaN before.
-  """
-  count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
-  scale: jax.Array
-  stable_lr: jax.Array
-  probe_lambda_max: jax.Array
+class _Config(NamedTuple):
+  """What the named metrics of one monitor need besides the kernel."""
+  loss: str
+  probe_y: Any
+  num_classes: int | None
+  trace_axes: tuple[int, ...]
+  diagonal_axes: tuple[int, ...]
 
 
-def _named_metric(name: str, loss: str, probe_y: Any, num_classes: int | None):
-  if name in _SPECTRAL:
-    return getattr(_metrics, name)
-  if name == "max_stable_lr":
-    return lambda K: _metrics.max_stable_lr(K, loss=loss)
-  if name in ("alignment", "centered_alignment"):
-    if probe_y is None:
-      raise ValueError(f"Metric {name!r} needs the probe targets: pass `probe_y`.")
-    centered = name == "centered_alignment"
-    return lambda K: _similarity.alignment(K, probe_y, centered, num_classes=num_classes)
-  raise ValueError(f"Unknown metric {name!r}; named metrics are {_NAMED}, or pass a "
-                   f"callable K -> scalar (in a dict {{name: fn}} for a lambda).")
+class _Probe(NamedTuple):
+  """The model's outputs on the probe batch: their shape, and the logits when needed."""
+  out_shape: tuple[int, ...]
+  outputs: jax.Array | None
 
 
-def _resolve(metrics: Sequence[Metric] | Mapping[str, Metric], loss: str, probe_y: Any,
-             num_classes: int | None) -> dict[str, Any]:
-  """``{name: K -> scalar}``; ``relative_change`` maps to ``None`` (needs ``K_0``)."""
+_DIAGONAL_OK = ("trace", "relative_change")
+
+
+def _named_metric(name: str, metric: str, cfg: _Config) -> Callable[..., jax.Array]:
+  """``(K, K_0, probe) -> []`` for a named metric; refuses meaningless combinations."""
+  if metric not in _NAMED:
+    raise ValueError(f"Unknown metric {metric!r}; named metrics are {_NAMED}, or pass a "
+                     f"callable K -> scalar (in a dict {{name: fn}} for a lambda).")
+  if cfg.diagonal_axes and metric not in _DIAGONAL_OK:
+    raise ValueError(
+        f"monitor: metric {name!r} ({metric}) needs the full kernel, but "
+        f"`diagonal_axes`={cfg.diagonal_axes} keeps only its diagonal. With "
+        f"`diagonal_axes` only {_DIAGONAL_OK} (and your callables) are available.")
+  if metric == "max_stable_lr" and cfg.trace_axes:
+    raise ValueError(
+        f"monitor: metric {name!r} (max_stable_lr) is the stability bound of the full "
+        f"kernel, but `trace_axes`={cfg.trace_axes} averages the kernel over outputs, "
+        f"and the bound of that kernel exceeds the model's (an unsafe step size). "
+        f"Monitor max_stable_lr without `trace_axes` (e.g. in a second monitor).")
+  if metric == "trace":
+    return lambda K, K0, probe: _m.trace(K, diagonal_axes=cfg.diagonal_axes)
+  if metric in _SPECTRAL:
+    fn = getattr(_m, metric)
+    return lambda K, K0, probe: fn(K)
+  if metric == "max_stable_lr":
+    return lambda K, K0, probe: _m.kernel_bound(K, cfg.loss, probe.outputs,
+                                                     "monitor")[1]
+  if metric == "relative_change":
+    return lambda K, K0, probe: _m.relative_change(K, K0)
+  if cfg.probe_y is None:
+    raise ValueError(f"Metric {name!r} needs the probe targets: pass `probe_y`.")
+  centered = metric == "centered_alignment"
+
+  def align(K, K0, probe):
+    num_classes = _m.default_num_classes(cfg.probe_y, cfg.num_classes,
+                                                  probe.out_shape)
+    return _m.alignment(K, cfg.probe_y, centered, num_classes=num_classes)
+
+  return align
+
+
+def _resolve(metrics: Sequence[Metric] | Mapping[str, Metric],
+             cfg: _Config) -> tuple[dict[str, Callable[..., jax.Array]], set[str]]:
+  """``{name: (K, K_0, probe) -> []}`` and the named metrics used."""
   if isinstance(metrics, (str, bytes)) or callable(metrics):
     metrics = (metrics,)
   items = list(metrics.items()) if isinstance(metrics, Mapping) else [
       (m if isinstance(m, str) else getattr(m, "__name__", None), m) for m in metrics]
-  out = {}
+  out: dict[str, Callable[..., jax.Array]] = {}
+  used = set()
   for name, m in items:
     if not isinstance(name, str) or name == "<lambda>":
       raise ValueError(f"Metric {m!r} has no usable name: pass metrics as a dict "
@@ -109,15 +137,15 @@ def _resolve(metrics: Sequence[Metric] | Mapping[str, Metric], loss: str, probe_
     if name in out:
       raise ValueError(f"Metric {name!r} is given twice.")
     if isinstance(m, str):
-      out[name] = None if m == "relative_change" else _named_metric(m, loss, probe_y,
-                                                                    num_classes)
+      out[name] = _named_metric(name, m, cfg)
+      used.add(m)
     elif callable(m):
-      out[name] = m
+      out[name] = lambda K, K0, probe, m=m: m(K)
     else:
       raise TypeError(f"Metric {name!r} must be a name or a callable, got {m!r}.")
   if not out:
     raise ValueError("`metrics` is empty: nothing to monitor.")
-  return out
+  return out, used
 
 
 def _check_every(every: Any, name: str = "every") -> int:
@@ -126,10 +154,24 @@ def _check_every(every: Any, name: str = "every") -> int:
   return int(every)
 
 
+def check_params(params: Any, fn: str) -> None:
+  """Refuses missing or masked parameters (inside ``optax.multi_transform``/``masked``)."""
+  if params is None:
+    raise ValueError(NO_PARAMS_MSG.format(fn=fn))
+  is_masked = lambda n: isinstance(n, optax.MaskedNode)
+  if any(is_masked(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_masked)):
+    raise ValueError(
+        f"ntklayers.optax.{fn} got masked parameters (optax.MaskedNode leaves): inside "
+        f"optax.multi_transform or optax.masked it sees only part of the parameters "
+        f"and cannot compute the model's NTK. Chain it outside the multi_transform / "
+        f"masked wrapper: optax.chain(optax.multi_transform(...), "
+        f"ntklayers.optax.{fn}(...)).")
+
+
 def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 100,
             metrics: Sequence[Metric] | Mapping[str, Metric] = DEFAULT_METRICS,
             history: int = 100, trace_axes: int | Sequence[int] = (),
-            trainable: Any = None, loss: str = "mean", probe_y: Any = None,
+            trainable: Any = None, loss: str | None = None, probe_y: Any = None,
             num_classes: int | None = None,
             **ntk_options: Any) -> optax.GradientTransformationExtraArgs:
   """Records NTK metrics of the current params on a probe batch; updates unchanged.
@@ -137,6 +179,7 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
   At steps ``0, every, 2·every, ...`` computes ``K = ntk_fn(f, trace_axes=...,
   trainable=..., **ntk_options)(params, probe_x)`` and each metric of ``K``;
   stores the latest values and a ring buffer of the last ``history`` records.
+  A kernel with a NaN or an inf records NaN for every named metric.
 
   Cost per record: one kernel plus, for the spectral metrics, one eigenvalue
   computation of the ``[N·O, N·O]`` matrix shared by all of them (XLA merges
@@ -156,17 +199,30 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
       0; keeps ``K_0`` in the state)), callables ``K -> []`` (named by
       ``__name__``), or a dict ``{name: name or callable}``.
     history: ring-buffer length ``H``.
-    trace_axes: as in ``ntk_fn`` (default ``()``: full ``[N, N, O, O]``).
+    trace_axes: as in ``ntk_fn`` (default ``()``: full ``[N, N, O, O]``). The
+      spectral metrics are then those of the traced kernel; ``max_stable_lr`` is
+      refused (the traced kernel's bound exceeds the model's).
     trainable: optax-style mask of the parameters in the kernel.
-    loss: loss normalization of ``max_stable_lr`` (``"mean"``, ``"sum"``,
-      ``"elementwise_mean"``).
-    probe_y: targets of the probe batch for the alignment metrics.
+    loss: the loss of ``max_stable_lr`` (see
+      :func:`ntklayers.metrics.max_stable_lr`): ``"mean"``, ``"sum"``,
+      ``"elementwise_mean"`` (MSE) or ``"softmax_cross_entropy"``,
+      ``"softmax_cross_entropy_sum"`` (the logits ``f(params, probe_x)`` are then
+      computed at each record). ``None`` (default): the MSE bound of ``"mean"``;
+      name the loss you train with.
+    probe_y: targets of the probe batch for the alignment metrics; integer
+      labels ``[N]`` are one-hot over ``num_classes``, by default the ``O`` of
+      outputs ``[N, O]`` (as in ``check_trainability``).
     num_classes: for integer ``probe_y`` (one-hot encoding).
-    **ntk_options: other ``ntk_fn`` options (``implementation``, ...).
+    **ntk_options: other ``ntk_fn`` options (``implementation``, ...). With
+      ``diagonal_axes`` only ``trace`` (of the diagonal kernel, the full
+      kernel's trace) and ``relative_change`` are available; ``layerwise`` is
+      refused (monitor each layer's kernel with a callable instead).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`NTKMonitorState`; its ``update`` raises ``ValueError`` without params.
+    :class:`NTKMonitorState`; its ``init`` and ``update`` raise ``ValueError``
+    without params or with masked params (chain it outside
+    ``optax.multi_transform`` and ``optax.masked``).
 
   Example:
     >>> import haiku as hk, jax, jax.numpy as jnp, optax, ntklayers, ntklayers.optax
@@ -179,30 +235,34 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
     True
   """
   every, size = _check_every(every), _check_every(history, "history")
-  if loss not in _metrics.LOSSES:
-    raise ValueError(f"`loss` must be one of {_metrics.LOSSES}, got {loss!r}.")
+  loss = _m.check_loss(loss, "monitor", allow_default=True)
   if ntk_options.get("layerwise"):
     raise ValueError("monitor records scalar metrics of the whole kernel: "
                      "layerwise=True is not supported.")
-  fns = _resolve(metrics, loss, probe_y, num_classes)
+  cfg = _Config(loss, probe_y, num_classes, _m.diagonal_axes_tuple(trace_axes),
+                _m.diagonal_axes_tuple(ntk_options.get("diagonal_axes", ())))
+  fns, used = _resolve(metrics, cfg)
   names = tuple(sorted(fns))
-  keep_k0 = any(fn is None for fn in fns.values())
+  keep_k0 = "relative_change" in used
+  want_logits = "max_stable_lr" in used and _m.needs_outputs(loss)
   kernel_fn = _api.ntk_fn(f, trace_axes=trace_axes, trainable=trainable, **ntk_options)
   probe_x = jax.tree.map(jnp.asarray, probe_x)
 
-  def measure(K, kernel0):
+  def measure(K, kernel0, params):
+    out_shape = tuple(jax.eval_shape(f, params, probe_x).shape)
+    probe = _Probe(out_shape, f(params, probe_x) if want_logits else None)
     out = {}
     for name in names:
-      v = _similarity.relative_change(K, kernel0) if fns[name] is None else fns[name](K)
-      v = jnp.asarray(v)
+      v = jnp.asarray(fns[name](K, kernel0, probe))
       if v.shape:
         raise ValueError(f"Metric {name!r} must return a scalar, got shape {v.shape}.")
       out[name] = v.astype(K.dtype)
     return out
 
   def init(params: optax.Params) -> NTKMonitorState:
+    check_params(params, "monitor")
     k_shape = jax.eval_shape(lambda p: kernel_fn(p, probe_x), params)
-    jax.eval_shape(lambda K: measure(K, K), k_shape)  # checks the metrics early
+    jax.eval_shape(lambda p, K: measure(K, K, p), params, k_shape)  # checks early
     dtype = k_shape.dtype
     nan = jnp.full((), jnp.nan, dtype)
     return NTKMonitorState(
@@ -217,7 +277,7 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
     kernel0 = state.kernel0
     if keep_k0:  # K_0 is the kernel of the first monitored step (this one if none yet)
       kernel0 = jnp.where(state.num_records == 0, K, cast(jax.Array, kernel0))
-    values = measure(K, kernel0)
+    values = measure(K, kernel0, params)
     slot = state.num_records % size
     row = jnp.stack([values[n] for n in names])
     return NTKMonitorState(
@@ -229,105 +289,8 @@ def monitor(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, every: int = 10
              params: optax.Params | None = None,
              **extra_args: Any) -> tuple[optax.Updates, NTKMonitorState]:
     del extra_args
-    if params is None:
-      raise ValueError(NO_PARAMS_MSG.format(fn="monitor"))
+    check_params(params, "monitor")
     state = jax.lax.cond(state.count % every == 0, record, lambda s, p: s, state, params)
-    return updates, state._replace(count=state.count + 1)
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-def step_size_guard(f: Callable[[Any, Any], jax.Array], probe_x: Any, *, lr: float,
-                    safety: float = 0.5, every: int = 10, loss: str = "mean",
-                    method: str = "kernel", num_iters: int = 20, trainable: Any = None,
-                    **ntk_options: Any) -> optax.GradientTransformationExtraArgs:
-  """Scales updates so the effective step stays below ``safety × max_stable_lr``.
-
-  Assumes the chained optimizer is SGD-like with step ``lr`` (updates
-  ``-lr·g``, e.g. ``optax.sgd(lr)``) on an MSE loss with normalization ``loss``,
-  and that ``probe_x`` is (representative of) the training batch: the bound is
-  the full-batch gradient-descent bound ``η < 2N/λmax`` of the linearized model
-  (see :func:`ntklayers.metrics.max_stable_lr`). Every ``every`` steps it
-  recomputes ``λmax`` of the full ``[N, N, O, O]`` probe kernel and sets
-  ``scale = min(1, safety · bound / lr)``; all updates are multiplied by
-  ``scale`` (so the effective step is ``min(lr, safety·bound)``). Momentum,
-  Adam or cross-entropy change the true bound: the guard is then a heuristic.
-
-  Args:
-    f: ``f(params, x) -> [N, O]``.
-    probe_x: probe batch ``[N, ...]``.
-    lr: the chained optimizer's learning rate.
-    safety: target fraction of the bound, in ``(0, 1]``.
-    every: recompute ``λmax`` every ``every`` update calls (step 0 included).
-    loss: ``"mean"`` (``2N/λmax``), ``"sum"`` (``2/λmax``) or
-      ``"elementwise_mean"`` (``2NO/λmax``).
-    method: ``"kernel"`` (form the kernel, exact ``λmax``) or ``"lanczos"``
-      (:func:`ntklayers.metrics.lambda_max_matrix_free`, a lower estimate).
-    num_iters: Lanczos steps for ``method="lanczos"``.
-    trainable: optax-style mask of the parameters in the kernel.
-    **ntk_options: other ``ntk_fn`` options (``method="kernel"`` only).
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`NTKStepSizeGuardState`.
-
-  Example:
-    >>> import haiku as hk, jax, jax.numpy as jnp, optax, ntklayers, ntklayers.optax
-    >>> net = hk.without_apply_rng(hk.transform(lambda x: ntklayers.Linear(1)(x)))
-    >>> x = jnp.ones((4, 3)); params = net.init(jax.random.key(0), x)
-    >>> opt = optax.chain(optax.sgd(100.0),
-    ...                   ntklayers.optax.step_size_guard(net.apply, x, lr=100.0))
-    >>> state = opt.init(params)
-    >>> _, state = opt.update(params, state, params)
-    >>> float(state[1].scale) < 1
-    True
-  """
-  every = _check_every(every)
-  if not (isinstance(lr, (int, float)) and lr > 0):
-    raise ValueError(f"`lr` must be a positive number, got {lr!r}.")
-  if not (isinstance(safety, (int, float)) and 0 < safety <= 1):
-    raise ValueError(f"`safety` must be in (0, 1], got {safety!r}.")
-  if loss not in _metrics.LOSSES:
-    raise ValueError(f"`loss` must be one of {_metrics.LOSSES}, got {loss!r}.")
-  if method not in ("kernel", "lanczos"):
-    raise ValueError(f"`method` must be 'kernel' or 'lanczos', got {method!r}.")
-  if {"trace_axes", "diagonal_axes", "layerwise"} & set(ntk_options):
-    raise ValueError("step_size_guard needs the full [N, N, O, O] kernel: do not pass "
-                     "`trace_axes`, `diagonal_axes` or `layerwise`.")
-  if method == "lanczos" and ntk_options:
-    raise ValueError(f"ntk_fn options {sorted(ntk_options)} need method='kernel'.")
-  kernel_fn = _api.ntk_fn(f, trainable=trainable, **ntk_options)
-  probe_x = jax.tree.map(jnp.asarray, probe_x)
-
-  def bound(params):
-    if method == "kernel":
-      K = kernel_fn(params, probe_x)
-      return _metrics.lambda_max(K), _metrics.max_stable_lr(K, loss=loss)
-    lam = _lanczos.lambda_max_matrix_free(f, params, probe_x, num_iters=num_iters,
-                                          trainable=trainable)
-    out = jax.eval_shape(f, params, probe_x)
-    n = {"mean": out.shape[0], "sum": 1, "elementwise_mean": out.size}[loss]
-    return lam, jnp.where(lam > 0, 2 * n / jnp.where(lam > 0, lam, 1), jnp.inf)
-
-  def init(params: optax.Params) -> NTKStepSizeGuardState:
-    dtype = jax.eval_shape(bound, params)[0].dtype
-    nan = jnp.full((), jnp.nan, dtype)
-    return NTKStepSizeGuardState(jnp.zeros([], jnp.int32), jnp.ones((), dtype), nan, nan)
-
-  def refresh(state: NTKStepSizeGuardState, params: Any) -> NTKStepSizeGuardState:
-    lam, stable = bound(params)
-    scale = jnp.minimum(1, safety * stable / lr)
-    scale = jnp.where(jnp.isnan(scale), state.scale, scale)  # keep it on a NaN kernel
-    return state._replace(scale=scale, stable_lr=stable, probe_lambda_max=lam)
-
-  def update(updates: optax.Updates, state: NTKStepSizeGuardState,
-             params: optax.Params | None = None,
-             **extra_args: Any) -> tuple[optax.Updates, NTKStepSizeGuardState]:
-    del extra_args
-    if params is None:
-      raise ValueError(NO_PARAMS_MSG.format(fn="step_size_guard"))
-    state = jax.lax.cond(state.count % every == 0, refresh, lambda s, p: s, state, params)
-    updates = jax.tree.map(lambda u: u * state.scale.astype(u.dtype), updates)
     return updates, state._replace(count=state.count + 1)
 
   return optax.GradientTransformationExtraArgs(init, update)
