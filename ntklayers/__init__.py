@@ -11,6 +11,7 @@ Parameters of layers that are not annotated are still counted exactly.
 
 from ntklayers import init
 from ntklayers import metrics
+from ntklayers import predict
 from ntklayers._core import ConvConfig
 from ntklayers._core import DenseConfig
 from ntklayers._core import EmbedConfig
@@ -26,6 +27,7 @@ from ntklayers._core import summed_logits
 from ntklayers._core import tap
 from ntklayers._large import InteractingExamplesError
 from ntklayers._large import MemoryBudgetError
+from ntklayers._large import StoreError
 from ntklayers._large import ntk_blocked
 from ntklayers._large import ntk_trace
 from ntklayers.trainability import TrainabilityError
@@ -41,10 +43,11 @@ __all__ = (
     "EmbedConfig",
     "Factors",
     "InteractingExamplesError",
-    "MemoryBudgetError",
     "Linear",
+    "MemoryBudgetError",
     "Rule",
     "ScaleConfig",
+    "StoreError",
     "TrainabilityError",
     "TrainabilityReport",
     "TrainabilityWarning",
@@ -57,6 +60,7 @@ __all__ = (
     "ntk_blocked",
     "ntk_fn",
     "ntk_trace",
+    "predict",
     "register_rule",
     "summed_logits",
     "tap",

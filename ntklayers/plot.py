@@ -70,8 +70,27 @@ def _colours(mat: np.ndarray, percentile: float) -> tuple[str, Any]:
   return "RdBu_r", colors.TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
 
 
+def _one_kernel(K: Any, fn: str) -> None:
+  """A dict of kernels (``layerwise=True``) is not one kernel: say what to call."""
+  if isinstance(K, Mapping):
+    raise TypeError(f"`{fn}` draws one kernel; got a dict of {len(K)} kernels "
+                    f"({sorted(K)[:4]}...) from layerwise=True: use "
+                    f"ntklayers.plot.layerwise, or pass sum(K.values()).")
+
+
+def _nonfinite_note(ax: Any, values: np.ndarray) -> bool:
+  """Writes on the plot that the kernel is not finite; returns whether it is not."""
+  bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+  if bad:
+    ax.text(0.5, 0.5, f"not finite: {bad} NaN/inf entries", transform=ax.transAxes,
+            ha="center", va="center", color="red", fontsize=12,
+            bbox={"facecolor": "white", "alpha": 0.8})
+  return bool(bad)
+
+
 def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
                  title: str | None, percentile: float = 99.0) -> None:
+  _one_kernel(K, "heatmap")
   mat = np.asarray(_metrics.flatten(K))
   n = np.shape(K)[0]
   per = mat.shape[0] // n  # rows per example (O)
@@ -85,6 +104,7 @@ def _draw_kernel(fig: Any, ax: Any, K: ArrayLike, labels: ArrayLike | None,
   cmap, norm = _colours(mat, percentile)
   im = ax.imshow(mat, cmap=cmap, norm=norm, interpolation="nearest")
   fig.colorbar(im, ax=ax, shrink=0.8)
+  _nonfinite_note(ax, mat)
   if lab is not None:
     cuts = np.flatnonzero(np.diff(lab)) + 1
     for c in cuts * per - 0.5:
@@ -148,20 +168,24 @@ def spectrum(K_or_eigenvalues: ArrayLike, path: str | os.PathLike[str] | None = 
 
   Returns:
     The figure. Eigenvalues ``<= 0`` cannot be shown on a log scale; their
-    count is written on the plot.
+    count is written on the plot. A kernel with NaN or inf values is marked as
+    not finite, and its ``κ`` is NaN.
 
   Example:
     >>> import jax.numpy as jnp, ntklayers.plot
     >>> fig = ntklayers.plot.spectrum(jnp.array([4.0, 1.0, 0.5]))
   """
+  _one_kernel(K_or_eigenvalues, "spectrum")
   ev = np.asarray(K_or_eigenvalues)
   if ev.ndim != 1:
     ev = np.asarray(_metrics.eigvalsh(K_or_eigenvalues))
-  ev = np.sort(ev)[::-1]
-  pos = ev[ev > 0]
   fig = _figure(figsize=(5, 3.5)) if ax is None else ax.get_figure()
   ax = fig.add_subplot() if ax is None else ax
-  kappa = ev[0] / ev[-1] if ev.size and ev[-1] > 0 else math.inf
+  finite = not _nonfinite_note(ax, ev)  # a NaN kernel has no spectrum and no κ
+  ev = np.sort(ev[np.isfinite(ev)])[::-1]
+  pos = ev[ev > 0]
+  kappa = math.nan if not finite else (
+      ev[0] / ev[-1] if ev.size and ev[-1] > 0 else math.inf)
   ax.plot(np.arange(1, pos.size + 1), pos, "o-", ms=3, label=f"κ = λmax/λmin = {kappa:.3g}")
   if pos.size:
     ax.set_yscale("log")
@@ -240,10 +264,14 @@ def layerwise(kernels: Mapping[str, ArrayLike], labels: ArrayLike | None = None,
     >>> import jax.numpy as jnp, ntklayers.plot
     >>> fig = ntklayers.plot.layerwise({"a": jnp.eye(4), "b": 2 * jnp.ones((4, 4))})
   """
+  if not isinstance(kernels, Mapping):
+    raise TypeError(f"`kernels` must be a dict {{name: kernel}} from "
+                    f"ntk_fn(..., layerwise=True); got {type(kernels).__name__}: use "
+                    f"ntklayers.plot.heatmap for one kernel.")
   if not kernels:
     raise ValueError("`kernels` is empty: nothing to plot.")
   traces = {k: float(_metrics.trace(v)) for k, v in kernels.items()}
-  total = sum(traces.values()) or 1.0
+  total = sum(t for t in traces.values() if math.isfinite(t)) or 1.0
   fig = _figure("compressed", figsize=(4.2 * len(kernels), 3.8))
   axes = fig.subplots(1, len(kernels), squeeze=False)[0]
   for ax, (name, K) in zip(axes, kernels.items()):

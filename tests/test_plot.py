@@ -97,3 +97,39 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
   module = importlib.reload(nplot)  # importing ntklayers.plot itself must not need it
   with pytest.raises(ImportError, match=r"pip install 'ntklayers\[plot\]'"):
     module.spectrum(np.array([1.0, 2.0]))
+
+
+def _texts(fig):
+  """Every text drawn on the figure's axes and in their legends."""
+  out = []
+  for ax in fig.axes:
+    out += [t.get_text() for t in ax.texts]
+    if ax.get_legend() is not None:
+      out += [t.get_text() for t in ax.get_legend().get_texts()]
+  return out
+
+
+def test_nonfinite_kernels_are_marked_not_hidden(kernels):
+  K = np.array(kernels[0])
+  K[0, 1, 0, 0] = np.nan
+  texts = _texts(nplot.spectrum(K))
+  assert any("not finite" in t for t in texts), texts
+  assert any("κ = λmax/λmin = nan" in t for t in texts), texts
+  assert any("not finite" in t for t in _texts(nplot.heatmap(K)))
+
+
+def test_colours_fit_the_values():
+  from ntklayers.plot import _colours  # pylint: disable=g-import-not-at-top
+  cmap, norm = _colours(np.array([[0.0, 0.5], [0.5, 1.0]]), 100.0)
+  assert cmap == "viridis" and (norm.vmin, norm.vmax) == (0.0, 1.0)  # sequential from 0
+  cmap, norm = _colours(np.array([[-0.2, 0.5], [0.5, 1.0]]), 100.0)
+  assert cmap == "RdBu_r" and (norm.vmin, norm.vcenter, norm.vmax) == (-0.2, 0.0, 1.0)
+
+
+def test_dicts_are_refused_with_the_function_to_use(kernels):
+  with pytest.raises(TypeError, match="plot.layerwise"):
+    nplot.heatmap(kernels[1])
+  with pytest.raises(TypeError, match="plot.layerwise"):
+    nplot.spectrum(kernels[1])
+  with pytest.raises(TypeError, match="plot.heatmap"):
+    nplot.layerwise(kernels[0])

@@ -12,6 +12,8 @@ from ntklayers._large._budget import MemoryBudgetError
 from ntklayers._large._independence import InteractingExamplesError
 from ntklayers._large._matvec import make_matvec
 from ntklayers._large._matvec import ntk_matvec
+from ntklayers._large._store import StoreError
+from ntklayers._large._store import progress as kernel_file_progress
 
-__all__ = ("InteractingExamplesError", "MemoryBudgetError", "make_matvec", "ntk_blocked",
-           "ntk_matvec", "ntk_trace")
+__all__ = ("InteractingExamplesError", "MemoryBudgetError", "StoreError", "kernel_file_progress",
+           "make_matvec", "ntk_blocked", "ntk_matvec", "ntk_trace")

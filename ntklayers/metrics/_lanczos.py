@@ -175,8 +175,10 @@ def lambda_max_matrix_free(f: Callable[..., jax.Array], params: Any, x: Any, *,
   ``lambda_max(ntk_fn(f, trainable=trainable)(params, x))`` of the
   ``[N, N, O, O]`` kernel, at the cost of ``num_iters`` VJP/JVP pairs and
   ``O(num_iters · N·O)`` memory instead of ``(N·O)²``. Jittable (close over
-  ``f``). Feed it to the stability bound as ``2·N / λmax`` (see
-  :func:`max_stable_lr`).
+  ``f``). For the MSE loss ``1/N Σ ½‖f − y‖²`` the stability bound is
+  ``2·N / λmax``; other losses weigh the kernel by the loss's output Hessian (see
+  :func:`max_stable_lr` and its ``loss``; ``ntklayers.optax.step_size_guard``
+  does both matrix-free).
 
   Args:
     f: ``f(params, x, **model_kwargs) -> [N, ...]``.

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntklayers._large import ntk_matvec
+from ntklayers._large import kernel_file_progress, ntk_matvec
 from ntklayers.predict._layout import shape_str
 
 DEFAULT_BLOCK_BYTES = 64 << 20  # float64 bytes of one row block (its buffer is reused)
@@ -197,11 +197,20 @@ class KernelOperator:
       block_bytes: float64 bytes of one row block.
       name: used in error messages (default: the path).
 
+    Raises:
+      ValueError: ``path`` is an ``ntk_blocked`` file whose run has not finished.
+
     Returns:
       The operator; each product reads the file once (half of it if
       ``symmetric``), in row blocks, with ``os.preadv`` into one reused buffer.
     """
     path = os.fspath(path)
+    done = kernel_file_progress(path)
+    if done is not None and done[0] < done[1]:
+      raise ValueError(
+          f"{path} is an unfinished ntk_blocked kernel ({done[0]} of {done[1]} blocks "
+          f"written; the others read as zeros): run the same ntk_blocked(..., out=...) "
+          f"call again to finish it before using it.")
     shape, dtype, fortran, offset = _npy_header(path)
     if fortran:
       raise ValueError(f"{path}: Fortran-ordered .npy files are not supported.")
