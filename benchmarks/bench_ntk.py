@@ -77,6 +77,7 @@ import numpy as np  # noqa: E402
 
 import bench_models as bm  # noqa: E402
 import ntklayers  # noqa: E402
+from ntklayers._bench import markdown_report  # noqa: E402
 
 try:
   import bench_flax_models as bfm  # noqa: E402
@@ -93,6 +94,19 @@ DEFAULT_MODELS = [m for m in ("mlp", "mlp_linen", "mlp_nnx", "cnn", "cnn_linen",
                               "transformer") if m in MODELS]
 
 METHODS = ("factors", "auto", "ntk_vp", "jacobian")
+_PAGE_INTRO = """
+The kernel `[N, N, O, O]` (`x2=None`, float32) of three Haiku models (`mlp`, `cnn`,
+`transformer`; `benchmarks/bench_models.py`) and of the Flax twins of the MLP and
+the CNN (`benchmarks/bench_flax_models.py`; same architecture, data and weights).
+Methods: `auto` (each framework's entry point), the generic whole-model `ntk_vp`
+and `jacobian` (the baseline), and `factors`, the floor: the cached factors alone.
+Times are medians of steady-state calls after a warm-up compile, blocked on all
+outputs; the calls of a model's methods, and of a Haiku model and its Flax twins,
+are interleaved in rounds; ratios are pair-medians (the median over rounds of
+`time_A[k] / time_B[k]`); peak memory is XLA's compiled memory analysis.
+`x faster`: jacobian time / method time; `x floor`: method time / factors time;
+`rel err`: max |K - K_jacobian| / max |K_jacobian|.
+"""
 # Targets from the issue.
 MLP_SPEEDUP_TARGET = 300.0  # MLP: auto >= 300x faster than jacobian
 MLP_FLOOR_TARGET = 1.5      # MLP: auto within 1.5x of the factor floor
@@ -304,12 +318,21 @@ def main(argv: list[str] | None = None) -> int:
                       help="run every row in a fresh process and report its max RSS")
   parser.add_argument("--check", action="store_true",
                       help="exit with status 1 if a measured target is missed")
+  parser.add_argument("--markdown", default=None,
+                      help="also write the output as a Markdown page (the docs' "
+                      "docs/benchmarks/bench_ntk.md)")
   parser.add_argument("--row", help=argparse.SUPPRESS)
   parser.add_argument("--kernel-out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.row:
     _row_main(args.row, args.repeats, args.budget, args.kernel_out)
     return 0
+  with markdown_report(args.markdown, "Kernel implementations on built-in models",
+                       _PAGE_INTRO):
+    return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
   names = [m.strip() for m in args.models.split(",") if m.strip()]
   unknown = [m for m in names if m not in MODELS]

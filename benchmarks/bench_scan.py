@@ -118,8 +118,12 @@ MODELS = {"haiku": haiku_model, "linen": linen_model}
 
 
 def _auto_only(model: str, blocks: int, repeats: int) -> dict:
-  """Times ``auto`` alone (the ``--json`` mode run for ``--before``)."""
-  from ntklayers._bench import _timing  # pylint: disable=g-import-not-at-top
+  """Times ``auto`` alone (the ``--json`` mode run for ``--before``; the timing
+  helpers moved in the renovation, so both places are tried)."""
+  try:
+    from ntklayers import _bench as _timing  # pylint: disable=g-import-not-at-top
+  except ImportError:  # revisions before the renovation
+    from ntklayers import _timing  # type: ignore  # pylint: disable=g-import-not-at-top
   apply, params, x, kernel = MODELS[model](blocks)
   times, firsts, _ = _timing.time_round_robin({"auto": kernel("auto")}, params, x,
                                               repeats=repeats)
@@ -150,14 +154,33 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--before", default=None, help="git revision to time `auto` at")
   parser.add_argument("--skip-jacobian", action="store_true")
+  parser.add_argument("--markdown", default=None,
+                      help="also write the tables as a Markdown page "
+                      "(docs/benchmarks/bench_scan.md)")
   parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   models = args.models.split(",")
   if args.json:
     print(json.dumps(_auto_only(models[0], args.blocks, args.repeats)))
     return 0
+  from ntklayers._bench import markdown_report  # pylint: disable=g-import-not-at-top
+  with markdown_report(args.markdown, "A scanned transformer (layer_stack / nn.scan)",
+                       PAGE_INTRO):
+    return _tables(args, models)
+
+
+PAGE_INTRO = """
+A 6-block pre-LN transformer written as `hk.layer_stack` of `hk.remat` blocks (and
+its linen twin, `nn.scan` of `nn.remat` with stacked params), `[N, T, D] = [16, 16,
+64]`, 4 heads, O = 10, kernel `[16, 16, 10, 10]`, float32; medians of interleaved
+calls; "before" (with `--before REV`) times `auto` at an older revision in a
+subprocess after them.
+"""
+
+
+def _tables(args: argparse.Namespace, models: list[str]) -> int:
   import ntklayers  # pylint: disable=g-import-not-at-top
-  from ntklayers._bench import _timing  # pylint: disable=g-import-not-at-top
+  from ntklayers import _bench as _timing  # pylint: disable=g-import-not-at-top
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs")
   for name in models:
     apply, params, x, kernel = MODELS[name](args.blocks)

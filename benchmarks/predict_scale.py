@@ -180,11 +180,31 @@ def main() -> None:
                            "0 for matvec, where building it costs `rank` model products)")
   parser.add_argument("--check-n", type=int, default=2_000, help="N of the dense check")
   parser.add_argument("--no-check", action="store_true")
+  parser.add_argument("--markdown", default=None,
+                      help="also write the table as a Markdown page "
+                      "(docs/benchmarks/predict_scale.md)")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
     print(json.dumps(run_one(*json.loads(args.one))))
     return
+  from ntklayers._bench import markdown_report  # pylint: disable=g-import-not-at-top
+  with markdown_report(args.markdown, "MSE predictions at t = inf for N = 20,000", PAGE_INTRO):
+    _rows(args)
+
+
+PAGE_INTRO = """
+`ntklayers.predict.gradient_descent_mse_matrix_free` at `t = inf` on the
+torchNTK setting (784 -> 100 x4 -> 1, tanh, NTK parameterization, Gaussian
+inputs): the train-train kernel written out of core by
+`ntk_blocked(..., out=path, max_memory=budget)`, then conjugate gradients with a
+Nystrom preconditioner reading the file in row blocks; checked against a dense
+float64 solve at a smaller N. Each row is a fresh process (peak RSS of the
+whole process; time including compilation).
+"""
+
+
+def _rows(args: argparse.Namespace) -> None:
   plan = [(args.n, False)] + ([] if args.no_check else [(args.check_n, True)])
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   rows = []

@@ -7,6 +7,8 @@ Runs ``ntklayers.cli._main.main`` in-process on tiny settings (one compile each)
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,6 +21,8 @@ from ntklayers.cli import _main as _cli
 from ntklayers.cli import _nas as _nas_search
 from ntklayers.cli import _nas_space
 from ntklayers.cli import _stats
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_demo_writes_pngs_and_exits_zero(tmp_path, capsys):
@@ -152,3 +156,21 @@ def test_correlation_table_of_synthetic_rows():
   ranking, table = _nas_search.tables(rows, corr)
   assert ranking.splitlines()[2].startswith(archs[-1].name)  # best accuracy first
   assert "trace_norm" in table and "params" in table and "flops" in table
+
+
+def _shape_of(line: str) -> str:
+  """A printed line with its numbers (and the paths of the PNGs) replaced by ``#``."""
+  line = re.sub(r"\S*ntk_(heatmap|spectrum)\.png", "PNG", line)
+  line = re.sub(r"[-+]?(\d+(,\d{3})*(\.\d+)?(e[-+]?\d+)?|inf|nan)", "#", line)
+  return re.sub(r"#(-?#)+", "#", line)  # 64-256-256-10: one number sequence
+
+
+def test_the_documented_demo_output_is_what_the_demo_prints(tmp_path, capsys):
+  """docs/demo_output.md (shown in the docs) has the lines the demo prints today,
+  number for number in shape (the values vary with the machine)."""
+  sample = (ROOT / "docs" / "demo_output.md").read_text().splitlines()
+  sample = [line for line in sample if line and not line.startswith(("```", "$"))]
+  assert _cli.main(["demo", "--n", "12", "--width", "8", "--depth", "1", "--n-compare", "4",
+                    "--repeats", "1", "--out", str(tmp_path)]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert [_shape_of(x) for x in printed] == [_shape_of(x) for x in sample]

@@ -71,8 +71,9 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
     progress: a tqdm bar over blocks: ``None`` shows it on a terminal, ``True``
       always, ``False`` never.
     model_kwargs: keyword arguments of ``f`` (``f(params, x, **model_kwargs)``).
-    trace_axes, diagonal_axes, implementation, trainable, independent_samples,
-      precision: as for :func:`ntklayers.ntk_fn` (``layerwise`` is not offered).
+    trace_axes: as for :func:`ntklayers.ntk_fn`; likewise ``diagonal_axes``,
+      ``implementation``, ``trainable``, ``independent_samples`` and
+      ``precision`` (``layerwise`` is not offered).
       A traced batch axis (``0`` in ``trace_axes``, ``N1 == N2``) averages the
       per-example kernels (diagonal blocks only); the result has no batch axis,
       so it is returned in memory (not with ``out``).
@@ -333,9 +334,12 @@ def ntk_trace(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
   and memory are linear in ``N``.
 
   Args:
-    f, params, x: the model, its parameters and a batch ``[N, ...]``.
-    block_size, max_memory, progress, model_kwargs, implementation, trainable,
-      independent_samples, precision: as for :func:`ntk_blocked`.
+    f: the model, as for :func:`ntk_blocked`.
+    params: its parameters.
+    x: a batch ``[N, ...]``.
+    block_size: as for :func:`ntk_blocked`; likewise ``max_memory``,
+      ``progress``, ``model_kwargs``, ``implementation``, ``trainable``,
+      ``independent_samples`` and ``precision``.
 
   Returns:
     The trace, a Python float (accumulated in float64).

@@ -1,4 +1,5 @@
-"""Every ```python snippet of README.md runs on its own and shows true values.
+"""Every ```python snippet of README.md and of the docs (``docs/**/*.md``) runs on
+its own and shows true values, so the documentation cannot rot.
 
 Each snippet is executed in a fresh namespace, as a reader would paste it: with
 JAX's defaults (float32, standard dtype promotion, rank promotion allowed), not
@@ -26,20 +27,23 @@ from typing import Any
 import jax
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SOURCES = [README] + sorted((ROOT / "docs").rglob("*.md"))
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                     re.MULTILINE | re.DOTALL)
 
 _NO_VALUE = object()
 
 
-def snippets() -> list[tuple[int, str]]:
-  """``(first line number in README.md, dedented code)`` of each ```python block."""
-  text = README.read_text()
+def snippets() -> list[tuple[pathlib.Path, int, str]]:
+  """``(file, first line number, dedented code)`` of each ```python block."""
   out = []
-  for m in _FENCE.finditer(text):
-    line = text.count("\n", 0, m.start("body")) + 1
-    out.append((line, textwrap.dedent(m.group("body"))))
+  for path in SOURCES:
+    text = path.read_text()
+    for m in _FENCE.finditer(text):
+      line = text.count("\n", 0, m.start("body")) + 1
+      out.append((path, line, textwrap.dedent(m.group("body"))))
   return out
 
 
@@ -83,12 +87,12 @@ def expectations(code: str, tree: ast.Module) -> dict[int, Any]:
   return out
 
 
-def run_snippet(line: int, code: str) -> int:
+def run_snippet(path: pathlib.Path, line: int, code: str) -> int:
   """Executes ``code`` in a fresh namespace; returns the number of checked values."""
   tree = ast.parse(code)
   expected = expectations(code, tree)
-  ast.increment_lineno(tree, line - 1)  # tracebacks point into README.md
-  filename = str(README)
+  ast.increment_lineno(tree, line - 1)  # tracebacks point into the file
+  filename = str(path)
   namespace: dict[str, Any] = {"__name__": "__readme__"}
   for i, stmt in enumerate(tree.body):
     if i in expected:
@@ -96,7 +100,7 @@ def run_snippet(line: int, code: str) -> int:
       want = expected[i]
       if isinstance(want, tuple) and hasattr(value, "shape"):
         value = tuple(value.shape)
-      assert value == want, (f"README.md line {stmt.lineno}: "
+      assert value == want, (f"{path.name} line {stmt.lineno}: "
                              f"{ast.unparse(stmt.value)} is {value!r}, README says {want!r}")
     else:
       exec(compile(ast.Module([stmt], type_ignores=[]), filename, "exec"), namespace)  # pylint: disable=exec-used
@@ -106,15 +110,17 @@ def run_snippet(line: int, code: str) -> int:
 SNIPPETS = snippets()
 
 
-def test_readme_has_snippets():
-  assert len(SNIPPETS) >= 8
-  total = sum(len(expectations(code, ast.parse(code))) for _, code in SNIPPETS)
-  assert total >= 15, total  # the checked values are found
+def test_snippets_are_found():
+  assert sum(p == README for p, _, _ in SNIPPETS) >= 3
+  assert len(SNIPPETS) >= 20
+  total = sum(len(expectations(code, ast.parse(code))) for _, _, code in SNIPPETS)
+  assert total >= 25, total  # the checked values are found
 
 
-@pytest.mark.parametrize("line,code", [pytest.param(line, code, id=f"line{line}")
-                                       for line, code in SNIPPETS])
-def test_readme_snippet(line, code):
+@pytest.mark.parametrize("path,line,code", [
+    pytest.param(path, line, code, id=f"{path.relative_to(ROOT)}:{line}")
+    for path, line, code in SNIPPETS])
+def test_snippet(path, line, code):
   with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"), \
       jax.numpy_rank_promotion("allow"):
-    run_snippet(line, code)
+    run_snippet(path, line, code)
