@@ -61,6 +61,9 @@ class ModelDescriptor:
       centering, ...): the reference differentiates each batch whole.
     int_inputs: inputs are integer token ids.
     slow: heavier model (``pytest.mark.slow``).
+    expect_structured: with ``implementation="auto"``, no trainable parameter is
+      left on the generic fallback (``kernel_fn.fallback == ()``, checked by
+      ``test_registry``): how the model is handled, not only that it is exact.
   """
 
   name: str
@@ -72,6 +75,7 @@ class ModelDescriptor:
   coupled: bool = False
   int_inputs: bool = False
   slow: bool = False
+  expect_structured: bool = False
 
   def __post_init__(self):
     assert self.warning in (None, "tolerate", "require"), self.warning
@@ -445,10 +449,20 @@ def expect_fallback_warning(model: ModelDescriptor):
 NTKLAYERS_WARNING = r"ntklayers\b"  # every ntklayers warning starts "ntklayers: "
 
 
-def registry() -> tuple[ModelDescriptor, ...]:
+def registry(*, stock: bool = False) -> tuple[ModelDescriptor, ...]:
   """The whole shared registry: the Haiku models above, the linen/NNX models of
   ``models_flax`` (which extends :class:`ModelDescriptor` with Flax entry points)
-  and the models of the classes of issue #6 (``models_classes``) of both."""
+  and the models of the classes of issue #6 (``models_classes``) of both.
+
+  ``stock=True`` adds the stock-layer models of ``models_stock`` (Haiku, plain JAX,
+  linen, NNX, Equinox; built with ``models_stock.build``), which ``test_registry``
+  checks; tests that dispatch on ``framework`` to ``build`` / ``models_flax.build``
+  leave them out.
+  """
   import models_flax  # pylint: disable=g-import-not-at-top  (it imports this module)
-  return (MODELS + tuple(models_flax.FLAX_MODELS) + CLASS_MODELS
-          + tuple(models_flax.CLASS_MODELS))
+  out = (MODELS + tuple(models_flax.FLAX_MODELS) + CLASS_MODELS
+         + tuple(models_flax.CLASS_MODELS))
+  if stock:
+    import models_stock  # pylint: disable=g-import-not-at-top  (it imports this module)
+    out += models_stock.stock_models()
+  return out

@@ -9,7 +9,10 @@ its kernel, through the framework's own entry point and every
 
 * Haiku: ``ntklayers.ntk_fn(f)(params, x1, x2)``;
 * linen: ``ntklayers.flax.ntk_fn(module)(variables, x1, x2, **apply_kwargs)``;
-* NNX: ``ntklayers.flax.nnx.ntk_fn()(model, x1, x2)``.
+* NNX: ``ntklayers.flax.nnx.ntk_fn()(model, x1, x2)``;
+* the stock-layer models of ``models_stock`` (Haiku, plain JAX, linen, NNX,
+  Equinox): their framework's entry point (``ntklayers.equinox.ntk_fn()(model,
+  x1, x2)`` for Equinox, ``ntklayers.ntk_fn(f)`` for Haiku and plain JAX).
 
 Descriptor fields are honoured: ``coupled`` models are differentiated one whole
 batch at a time by the reference; ``warning`` / ``fallback_warning`` say which
@@ -29,11 +32,13 @@ suite only.
 from __future__ import annotations
 
 import collections
+import warnings
 
 import jax
 import jax.numpy as jnp
 import models
 import models_flax
+import models_stock
 import numpy as np
 import pytest
 from reference import (IMPLEMENTATIONS, TOL64, apply_axes, assert_rel_close, batch_jacobians,
@@ -41,7 +46,8 @@ from reference import (IMPLEMENTATIONS, TOL64, apply_axes, assert_rel_close, bat
 
 import ntklayers
 
-REGISTRY = models.registry()
+REGISTRY = models.registry(stock=True)
+STOCK = frozenset(m.name for m in models_stock.stock_models())
 
 # {model name: implementations that run in the slow suite only}: the attention,
 # conv and normalization models whose every implementation compiles for seconds on
@@ -67,6 +73,8 @@ def framework(model: models.ModelDescriptor) -> str:
 
 def build(model: models.ModelDescriptor) -> models.Built:
   """The cached float64 build of ``model`` (any framework)."""
+  if model.name in STOCK:
+    return models_stock.build(model.name)
   if framework(model) == "haiku":
     return models.build(model.name)
   return models_flax.build(model.name)
@@ -76,7 +84,7 @@ def kernel(model: models.ModelDescriptor, implementation: str):
   """The plain kernel of ``model`` on ``(x1, x2)`` through its framework's entry point."""
   built = build(model)
   with models.expect_fallback_warning(model):
-    if framework(model) == "haiku":
+    if framework(model) == "haiku" and model.name not in STOCK:
       return ntklayers.ntk_fn(built.f, implementation=implementation)(
           built.params, built.x1, built.x2)
     return built.ntk_fn(implementation=implementation)(built.x1, built.x2)
@@ -101,13 +109,24 @@ GENERIC_DEFAULT = frozenset({
     "nnx_mixed_plain", "nnx_batchnorm_train", "c1_tied_params_dict", "layernorm_variants",
     "cross_attention_mask"})
 
+# The stock-layer models (models_stock) whose "auto" kernel runs in the default
+# suite, each for what it adds: Equinox's vmapped per-example layers (weights
+# [out, in]), a plain lax.conv_general_dilated CNN, and a plain table[ids] gather
+# with x @ w + b layers (about 11 s on one core). Every other stock model and
+# implementation runs in the slow suite.
+STOCK_DEFAULT = frozenset({"equinox_stock_mlp", "jax_stock_cnn", "jax_stock_embed"})
+
+
+def _slow_stock(m: models.ModelDescriptor) -> bool:
+  return m.name in STOCK and m.name not in STOCK_DEFAULT
+
 
 def _params():
   out = []
   for m in REGISTRY:
     for impl in IMPLEMENTATIONS:
       generic = impl != "auto" and m.name not in GENERIC_DEFAULT
-      slow = m.slow or generic or impl in HEAVY.get(m.name, ())
+      slow = m.slow or generic or impl in HEAVY.get(m.name, ()) or _slow_stock(m)
       out.append(pytest.param(m, impl, id=f"{m.name}-{impl}",
                               marks=[pytest.mark.slow] if slow else []))
   return out
@@ -120,12 +139,15 @@ def test_registry_names_unique_and_complete():
   names = [m.name for m in REGISTRY]
   dupes = [n for n, c in collections.Counter(names).items() if c > 1]
   assert not dupes, f"registry names must be unique: {dupes}"
-  assert set(models.BY_NAME) | set(models_flax.BY_NAME) == set(names)
+  assert set(models.BY_NAME) | set(models_flax.BY_NAME) | STOCK == set(names)
   assert set(HEAVY) <= set(names), set(HEAVY) - set(names)
-  assert {framework(m) for m in REGISTRY} == {"haiku", "linen", "nnx"}
+  assert STOCK_DEFAULT <= STOCK, STOCK_DEFAULT - STOCK
+  assert {framework(m) for m in REGISTRY} == {"haiku", "linen", "nnx", "equinox", "jax"}
 
 
-@pytest.mark.parametrize("model", [pytest.param(m, id=m.name) for m in REGISTRY])
+@pytest.mark.parametrize("model", [
+    pytest.param(m, id=m.name, marks=[pytest.mark.slow] if _slow_stock(m) else [])
+    for m in REGISTRY])
 def test_descriptor_builds_float64(model):
   """Every descriptor builds float64 parameters (``param_dtype`` reached every Flax
   layer: linen/NNX default to float32) and inputs of its declared shapes."""
@@ -157,3 +179,39 @@ def test_kernel_matches_reference(model, implementation):
   assert k.shape == ref.shape
   assert k.dtype == jnp.float64
   assert_rel_close(k, ref, TOL64)
+
+
+# ------------------------------------------------------------ structure ---
+
+
+def _structured_params():
+  """The descriptors marked ``expect_structured``, and a sanity case of the check
+  itself: a drop-in MLP (structured)."""
+  marked = [pytest.param(m.name, id=m.name, marks=[pytest.mark.slow] if m.slow else [])
+            for m in REGISTRY if m.expect_structured]
+  return marked + [pytest.param("mlp_relu", id="sanity-dropins")]
+
+
+def _fallback_groups(f, params, x1, x2, model=None) -> tuple[str, ...]:
+  kernel_fn = ntklayers.ntk_fn(f)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=models.NTKLAYERS_WARNING)
+    kernel_fn(params, x1, x2)
+  return kernel_fn.fallback
+
+
+@pytest.mark.parametrize("name", _structured_params())
+def test_structure_as_expected(name):
+  """A model marked ``expect_structured`` leaves no parameter to the fallback under
+  ``implementation="auto"`` (checked through ``ntklayers.ntk_fn(f)`` on the build's
+  ``f`` and ``params``, the same traced program as the framework's entry point; for
+  Haiku and plain JAX models the kernel compiled by the test above)."""
+  built = build({m.name: m for m in REGISTRY}[name])
+  assert _fallback_groups(built.f, built.params, built.x1, built.x2) == ()
+
+
+def test_structure_check_sees_the_fallback():
+  """The check above can fail: a weight used through ``tanh`` is on the fallback."""
+  x = jnp.asarray(np.ones((2, 3)))
+  params = {"lin": {"w": jnp.asarray(np.ones((3, 2)))}}
+  assert _fallback_groups(lambda p, x: x @ jnp.tanh(p["lin"]["w"]), params, x, x) == ("lin",)

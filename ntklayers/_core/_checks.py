@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -18,7 +19,82 @@ def _dtype(a: Any) -> Any:
   return a.dtype if hasattr(a, "dtype") else np.result_type(a)
 
 
+# The entry point of each framework whose modules hold their own parameters (a
+# module passed where ``f(params, x)`` or its ``params`` is expected).
+_ENTRY_POINTS = {
+    "equinox": "ntklayers.equinox.ntk_fn()(model, x1, x2), which differentiates the "
+               "model's inexact-array leaves and holds the rest fixed",
+    "linen": "ntklayers.flax.ntk_fn(module)(variables, x1, x2), which differentiates "
+             "variables['params']",
+    "nnx": "ntklayers.flax.nnx.ntk_fn()(model, x1, x2), which differentiates the "
+           "model's nnx.Param state",
+}
+
+
+def _framework_of(obj: Any) -> str | None:
+  """``"equinox"``, ``"linen"`` or ``"nnx"`` if ``obj`` is a module of that
+  framework, else ``None``. Frameworks are looked up in ``sys.modules`` (never
+  imported here: a module object exists only if its framework was imported)."""
+  for name, module, attr in (("equinox", "equinox", "Module"),
+                             ("linen", "flax.linen", "Module"),
+                             ("nnx", "flax.nnx", "Module")):
+    cls = getattr(sys.modules.get(module), attr, None)
+    if isinstance(cls, type) and isinstance(obj, cls):
+      return name
+  return None
+
+
+def _is_parameter(leaf: Any) -> bool:
+  """A floating array that is not a Python scalar (which ``jax.jit`` turns into a
+  weakly typed 0-d value): what ``eqx.is_inexact_array`` keeps."""
+  if not hasattr(leaf, "dtype") or not _jax_compat.is_inexact(leaf.dtype):
+    return False
+  weak = getattr(getattr(leaf, "aval", leaf), "weak_type", False)
+  return not (weak and np.ndim(leaf) == 0)
+
+
+_ARTICLES = {"equinox": "an Equinox", "linen": "a Flax linen", "nnx": "a Flax NNX"}
+
+
+def _module_error(what: str, framework: str, obj: Any, detail: str = "") -> TypeError:
+  article = _ARTICLES[framework]
+  return TypeError(
+      f"{what} is {article} module ({type(obj).__module__}.{type(obj).__qualname__})"
+      f"{detail}. ntklayers.ntk_fn(f) takes a function f(params, x) and a pytree of "
+      f"parameter arrays; for the NTK of {article} model use "
+      f"{_ENTRY_POINTS[framework]}.")
+
+
+def check_not_module(params: Any, name: str = "params") -> None:
+  """``params`` holds no framework module that is not a pytree of parameters.
+
+  A linen or NNX module anywhere in ``params``, or an Equinox module with leaves
+  that are not floating arrays (functions, Python numbers, integer arrays), gets an
+  error naming the entry point for that framework. An Equinox module of floating
+  arrays only (the first half of ``eqx.partition(model, eqx.is_inexact_array)``)
+  is a pytree of parameters like any other.
+  """
+  found = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda a: _framework_of(a) is not None)[0]
+  for path, node in found:
+    framework = _framework_of(node)
+    if framework is None:
+      continue
+    where = f"`{name}{jax.tree_util.keystr(path)}`" if path else f"`{name}`"
+    if framework != "equinox":
+      raise _module_error(where, framework, node)
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(node)[0]:
+      if not _is_parameter(leaf):
+        kind = (f"{leaf.dtype} array" if hasattr(leaf, "dtype") and np.ndim(leaf)
+                else type(leaf).__name__)
+        raise _module_error(
+            where, framework, node,
+            f" with leaves that are not parameters (a {kind} at "
+            f"{jax.tree_util.keystr(leaf_path) or 'its root'})")
+
+
 def check_params(params: Any) -> None:
+  check_not_module(params)
   leaves = jax.tree.leaves(params)
   if not leaves:
     raise ValueError("`params` has no leaves: there is nothing to differentiate.")
@@ -86,10 +162,21 @@ def check_pair(x1: Any, x2: Any) -> None:
 
 
 def check_f(f: Any) -> Any:
-  """``f`` must be callable; a jitted ``f`` is unwrapped (the kernel is jitted whole,
-  and layers inside an inner ``jit`` could not be captured)."""
+  """``f`` must be callable and not a framework model holding its own parameters; a
+  jitted ``f`` is unwrapped (the kernel is jitted whole, and layers inside an inner
+  ``jit`` could not be captured)."""
+  framework = _framework_of(f)
+  if framework in ("linen", "nnx") or framework == "equinox" and any(
+      _is_parameter(a) for a in jax.tree.leaves(f)):
+    hint = (" (if it really is a function of (params, x), pass `lambda p, x: f(p, x)`)"
+            if framework == "equinox" else "")
+    raise _module_error("`f`", framework, f, hint)
   if not callable(f):
-    raise TypeError(f"`f` must be callable as f(params, x), got {type(f).__name__}.")
+    hint = (" (a Haiku hk.transform result: pass its `.apply`, with "
+            "hk.without_apply_rng for a model without randomness)"
+            if hasattr(f, "apply") and hasattr(f, "init") else "")
+    raise TypeError(
+        f"`f` must be callable as f(params, x), got {type(f).__name__}{hint}.")
   return _jax_compat.unwrap_jit(f)
 
 
