@@ -5,9 +5,13 @@ as a matrix by one rule (see :func:`flatten`): ``[N1, N2, O, O] -> [N1·O, N2·O
 with row ``n·O + o``, ``[N1, N2]`` as is, ``[N1, N2, A, A, C, C] -> [N1·A·C,
 N2·A·C]``. Diagonal layouts (``diagonal_axes``) are accepted by :func:`trace` and
 :func:`relative_change` only. :func:`lambda_max_matrix_free` gets ``λmax``
-without forming the kernel. Every metric of a kernel with a NaN or an inf is
-NaN; every metric but :func:`max_stable_lr` (and the reshape :func:`flatten`)
-takes a ``layerwise=True`` dict and returns a dict. :func:`max_stable_lr` knows
+without forming the kernel; the matrix-free spectral estimators go further:
+:func:`top_eigenpairs` (block Lanczos or LOBPCG), :func:`trace_estimate`
+(Hutchinson, Hutch++; per layer) and :func:`spectral_density` (stochastic
+Lanczos quadrature), each with an ``operator_`` form taking a ``matvec``.
+Every metric of a kernel with a NaN or an inf is NaN; every metric but
+:func:`max_stable_lr` (and the reshape :func:`flatten`) takes a
+``layerwise=True`` dict and returns a dict. :func:`max_stable_lr` knows
 mean squared error and softmax cross-entropy (``loss=``).
 
 Example:
@@ -20,6 +24,10 @@ Example:
   (12,)
 """
 
+from ntklayers.metrics._eigenpairs import Eigenpairs
+from ntklayers.metrics._eigenpairs import operator_top_eigenpairs
+from ntklayers.metrics._eigenpairs import top_eigenpairs
+from ntklayers.metrics._estimators import TraceEstimate
 from ntklayers.metrics._lanczos import lambda_max_matrix_free
 from ntklayers.metrics._lanczos import lanczos_lambda_max
 from ntklayers._large import ntk_matvec
@@ -33,6 +41,11 @@ from ntklayers.metrics._spectral import lambda_min
 from ntklayers.metrics._spectral import trace
 from ntklayers.metrics._similarity import alignment
 from ntklayers.metrics._similarity import relative_change
+from ntklayers.metrics._slq import SpectralDensity
+from ntklayers.metrics._slq import operator_spectral_density
+from ntklayers.metrics._slq import spectral_density
+from ntklayers.metrics._stochastic import operator_trace_estimate
+from ntklayers.metrics._stochastic import trace_estimate
 
 # Shared with ntklayers.optax and ntklayers.trainability through this door (the
 # loss-aware stability bound, the finiteness flag, label handling); not public API.
@@ -48,6 +61,9 @@ from ntklayers.metrics._spectral import _axes as diagonal_axes_tuple  # noqa: E4
 from ntklayers.metrics._spectral import finite  # noqa: E402,F401
 
 __all__ = (
+    "Eigenpairs",
+    "SpectralDensity",
+    "TraceEstimate",
     "alignment",
     "condition_number",
     "effective_rank",
@@ -59,6 +75,12 @@ __all__ = (
     "lanczos_lambda_max",
     "max_stable_lr",
     "ntk_matvec",
+    "operator_spectral_density",
+    "operator_top_eigenpairs",
+    "operator_trace_estimate",
     "relative_change",
+    "spectral_density",
+    "top_eigenpairs",
     "trace",
+    "trace_estimate",
 )
