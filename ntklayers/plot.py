@@ -1,4 +1,5 @@
-"""Pictures of NTKs: kernel heatmaps, spectra, metric histories, layerwise components.
+"""Pictures of NTKs: kernel heatmaps, spectra, spectral densities, metric histories, layerwise
+components.
 
 Needs matplotlib (``pip install 'ntklayers[plot]'``), imported on first use. Every
 function builds a :class:`matplotlib.figure.Figure` directly (no ``pyplot`` global
@@ -276,4 +277,69 @@ def layerwise(kernels: Mapping[str, ArrayLike], labels: ArrayLike | None = None,
   axes = fig.subplots(1, len(kernels), squeeze=False)[0]
   for ax, (name, K) in zip(axes, kernels.items()):
     _draw_kernel(fig, ax, K, labels, f"{name or '(root)'}: {traces[name] / total:.1%} of tr")
+  return _finish(fig, path)
+
+
+def spectral_density(density: Any, path: str | os.PathLike[str] | None = None, *,
+                     eigenvalues: ArrayLike | None = None, ax: Any = None,
+                     log: bool = True, bins: int = 60,
+                     title: str | None = "NTK spectral density") -> Any:
+  """A spectral density from stochastic Lanczos quadrature, beside the exact spectrum.
+
+  Args:
+    density: a :class:`ntklayers.metrics.SpectralDensity` (from
+      ``ntklayers.metrics.spectral_density``): its ``density`` on its ``grid``,
+      smoothed by a Gaussian of width ``sigma`` (stated in the legend).
+    path: save the figure as a PNG here.
+    eigenvalues: optional exact eigenvalues (1-D) or a kernel (full layout;
+      eigenvalues via :func:`ntklayers.metrics.eigvalsh`), drawn as a histogram
+      normalized like the density (fraction of eigenvalues per unit ``λ``).
+    ax: optional matplotlib ``Axes`` to draw into.
+    log: log-scale density axis (an outlying eigenvalue weighs ``1 / dim``), from
+      ``1e-6`` of the peak.
+    bins: histogram bins over the grid's range.
+    title: axes title.
+
+  Returns:
+    The figure.
+
+  Example:
+    >>> import jax.numpy as jnp, ntklayers.metrics as nm, ntklayers.plot
+    >>> A = jnp.diag(jnp.linspace(0., 1., 100))
+    >>> sd = nm.operator_spectral_density(lambda v: A @ v, 100, num_probes=4)
+    >>> fig = ntklayers.plot.spectral_density(sd, eigenvalues=jnp.linspace(0., 1., 100))
+  """
+  if not all(hasattr(density, a) for a in ("grid", "density", "sigma", "nodes")):
+    raise TypeError(f"`density` must be a SpectralDensity from "
+                    f"ntklayers.metrics.spectral_density, got {type(density).__name__}.")
+  if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+    raise ValueError(f"`bins` must be a positive int, got {bins!r}.")
+  grid, values = np.asarray(density.grid, float), np.asarray(density.density, float)
+  fig = _figure(figsize=(5.5, 3.8)) if ax is None else ax.get_figure()
+  ax = fig.add_subplot() if ax is None else ax
+  probes, nodes = np.shape(density.nodes)
+  ax.plot(grid, values, "-", lw=1.5,
+          label=f"SLQ, {probes} probes × {nodes} nodes\n(Gaussian σ = {density.sigma:.3g})")
+  peak = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+  if eigenvalues is not None:
+    _one_kernel(eigenvalues, "spectral_density")
+    ev = np.asarray(eigenvalues)
+    if ev.ndim != 1:
+      ev = np.asarray(_metrics.eigvalsh(eigenvalues))
+    ev = ev[np.isfinite(ev)].astype(float)
+    edges = np.linspace(grid[0], grid[-1], bins + 1)
+    counts, _ = np.histogram(ev, edges)
+    heights = counts / (max(ev.size, 1) * np.diff(edges))
+    ax.stairs(heights, edges, fill=True, alpha=0.35, color="C1",
+              label=f"exact eigenvalues ({ev.size})")
+    peak = max(peak, float(heights.max(initial=0.0)))
+  _nonfinite_note(ax, np.asarray(density.nodes))
+  if log and peak > 0:
+    ax.set_yscale("log")
+    ax.set_ylim(peak * 1e-6, peak * 2)
+  ax.set_xlabel("eigenvalue λ")
+  ax.set_ylabel("fraction of eigenvalues per unit λ")
+  ax.legend(loc="upper right", fontsize="small")
+  if title:
+    ax.set_title(title)
   return _finish(fig, path)

@@ -133,3 +133,19 @@ def test_dicts_are_refused_with_the_function_to_use(kernels):
     nplot.spectrum(kernels[1])
   with pytest.raises(TypeError, match="plot.heatmap"):
     nplot.layerwise(kernels[0])
+
+
+def test_spectral_density(kernels, tmp_path):
+  K, _ = kernels
+  matvec = lambda v: jnp.asarray(ntklayers.metrics.flatten(K)) @ v
+  sd = ntklayers.metrics.operator_spectral_density(matvec, N * O, num_probes=3, num_steps=6)
+  fig = nplot.spectral_density(sd, tmp_path / "d.png", eigenvalues=K)
+  check_png(fig, tmp_path / "d.png")
+  texts = _texts(fig)
+  assert any("Gaussian σ" in t for t in texts) and any("exact eigenvalues (12)" in t
+                                                       for t in texts), texts
+  check_png(nplot.spectral_density(sd, tmp_path / "d2.png", log=False), tmp_path / "d2.png")
+  with pytest.raises(TypeError, match="SpectralDensity"):
+    nplot.spectral_density(K)
+  with pytest.raises(ValueError, match="`bins`"):
+    nplot.spectral_density(sd, bins=0)
