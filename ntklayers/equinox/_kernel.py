@@ -102,8 +102,8 @@ def _splitter(batched: bool, axis_name: Hashable | None) -> Callable:
             f"The {'model' if path[0].idx == 0 else 'state'} field at {where} holds a "
             f"{type(leaf).__name__}, which is neither an array nor hashable: the "
             f"non-array fields of an Equinox model are static (part of the "
-            f"compilation cache key), as with eqx.filter_jit. Store a tuple instead "
-            f"of a list, or mark the field static.") from e
+            f"compilation cache key), as with eqx.filter_jit. Store a hashable value "
+            f"(or a pytree of them) instead.") from e
     key = _Key(treedef, tuple(leaf for _, leaf in with_path), batched, axis_name, stateful)
     return key, params, arrays
 
