@@ -6,6 +6,11 @@ LayerNorm for their ``ntklayers.haiku`` counterparts), then::
     kernel_fn = ntklayers.ntk_fn(apply_fn)
     K = kernel_fn(params, x1, x2)          # [N1, N2, O, O]
 
+NNGP kernels (``nngp_fn``, or both from one program with ``kernel_fn``), the
+linearized model (``linearize``, ``taylor_expand``), predictions
+(``ntklayers.predict``), and neural-tangents' names in
+``ntklayers.compat.neural_tangents``.
+
 Parameters of layers that are not annotated are still counted exactly.
 """
 
@@ -20,6 +25,8 @@ from ntklayers._core import Rule
 from ntklayers._core import ScaleConfig
 from ntklayers._core import capture
 from ntklayers._core import contract
+from ntklayers._core import kernel_fn
+from ntklayers._core import nngp_fn
 from ntklayers._core import ntk
 from ntklayers._core import ntk_fn
 from ntklayers._core import register_rule
@@ -30,6 +37,8 @@ from ntklayers._large import MemoryBudgetError
 from ntklayers._large import StoreError
 from ntklayers._large import ntk_blocked
 from ntklayers._large import ntk_trace
+from ntklayers.taylor import linearize
+from ntklayers.taylor import taylor_expand
 from ntklayers.trainability import TrainabilityError
 from ntklayers.trainability import TrainabilityReport
 from ntklayers.trainability import TrainabilityWarning
@@ -55,7 +64,10 @@ __all__ = (
     "check_trainability",
     "contract",
     "init",
+    "kernel_fn",
+    "linearize",
     "metrics",
+    "nngp_fn",
     "ntk",
     "ntk_blocked",
     "ntk_fn",
@@ -64,6 +76,7 @@ __all__ = (
     "register_rule",
     "summed_logits",
     "tap",
+    "taylor_expand",
 )
 
 

@@ -15,7 +15,9 @@ What goes in and what comes out:
   kernels; :func:`restrict` and :func:`resolve_trainable` for applications that
   differentiate a subset of the parameters; the row-check helpers
   (:func:`check_cotangent`, :func:`check_tolerance`, :func:`agree`).
-* **Entry points:** :func:`ntk_fn`, :func:`ntk`, :func:`summed_logits`,
+* **Entry points:** :func:`ntk_fn`, :func:`ntk`, :func:`nngp_fn`, :func:`kernel_fn`
+  (NNGP and NTK in one program; ``get`` and its ``Kernels`` tuples:
+  :func:`normalize_get`, :func:`kernels_type`, :func:`nngp_contract`), :func:`summed_logits`,
   :func:`capture`, :func:`contract`, and :func:`make_kernel_fn`, the factory
   every framework's entry point is built with.
 * **Extension:** :func:`tap`, :class:`Rule`, :func:`register_rule`, the ops
@@ -25,6 +27,8 @@ What goes in and what comes out:
 # The built-in rules register themselves on import.
 from ntklayers._core import _rules  # noqa: F401
 from ntklayers._core import _rules_embed  # noqa: F401
+from ntklayers._core._api import kernel_fn
+from ntklayers._core._api import nngp_fn
 from ntklayers._core._api import ntk
 from ntklayers._core._api import ntk_fn
 from ntklayers._core._api import summed_logits
@@ -59,6 +63,10 @@ from ntklayers._core._kernel_fn import checked
 from ntklayers._core._kernel_fn import kernel
 from ntklayers._core._kernel_fn import make_kernel_fn
 from ntklayers._core._kernel_fn import with_kwargs
+from ntklayers._core._nngp import KERNELS
+from ntklayers._core._nngp import kernels_type
+from ntklayers._core._nngp import nngp_contract
+from ntklayers._core._nngp import normalize_get
 from ntklayers._core._ops import AFFINE
 from ntklayers._core._ops import SCALE
 from ntklayers._core._ops import Op
@@ -91,14 +99,15 @@ from ntklayers._core._session import register_interceptor
 from ntklayers._core._session import tap
 
 __all__ = (
-    "AFFINE", "CHECKED", "COUPLED", "GATHER", "INDEPENDENT", "SCALE", "ConvConfig",
+    "AFFINE", "CHECKED", "COUPLED", "GATHER", "INDEPENDENT", "KERNELS", "SCALE", "ConvConfig",
     "DenseConfig", "Description", "EmbedConfig", "Factors", "KernelResult", "Op", "Options",
     "OutputSpec", "Rule", "ScaleConfig", "Setup", "StaticKwargs", "agree", "all_finite",
     "batch_size", "capture", "capture_with", "capturing", "check_batch", "check_cotangent",
     "check_f", "check_output", "check_pair", "check_params", "check_tolerance", "checked",
     "collecting_notes", "contract", "contract_unchecked", "contract_with_spec",
     "declare_coupled", "discover", "emit_note", "execution_order", "interceptors", "is_inexact",
-    "is_tracer", "kernel", "make_kernel_fn", "normalize_axes", "note_failure", "ntk", "ntk_fn",
+    "is_tracer", "kernel", "kernel_fn", "kernels_type", "make_kernel_fn", "nngp_contract",
+    "nngp_fn", "normalize_axes", "normalize_get", "note_failure", "ntk", "ntk_fn",
     "prepare", "prove_rows", "register_interceptor", "register_rule", "replay",
     "report_nonfinite", "resolve_trainable", "restrict", "shard_map", "split_kwargs",
     "summed_logits", "tap", "why_rows_not_examples", "with_kwargs",

@@ -1,4 +1,5 @@
-"""Public kernel entry points: ``ntk_fn``, ``ntk`` and ``summed_logits``."""
+"""Public kernel entry points: ``ntk_fn``, ``ntk``, ``nngp_fn``, ``kernel_fn`` and
+``summed_logits``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 
 from ntklayers._core import _checks
 from ntklayers._core._kernel_fn import KernelFn, make_kernel_fn, with_kwargs
+from ntklayers._core._nngp import KERNELS, normalize_get
 from ntklayers._core._options import Options
 
 
@@ -88,6 +90,91 @@ def _bind(f: Callable, rest: None, kwargs: dict[str, Any]) -> Callable:
   """``ntk_fn``'s model: ``f`` itself, with the model kwargs bound."""
   del rest
   return with_kwargs(f, kwargs)
+
+
+def nngp_fn(f: Callable[[Any, Any], jax.Array], *,
+            trace_axes: int | Sequence[int] = (),
+            diagonal_axes: int | Sequence[int] = (),
+            precision: str = "highest") -> KernelFn:
+  """Returns ``nngp_fn(params, x1, x2=None, **model_kwargs)``, the empirical NNGP kernel.
+
+  ``K(x1, x2) = f(x1) f(x2)^T``, the outer product of the model's outputs, with
+  the output layout of :func:`ntk_fn`: for outputs ``[N, O]`` and the default
+  axes ``[N1, N2, O, O]``; traced axes are contracted and averaged (divided by
+  their size), diagonal axes appear once. The defaults are ntklayers' (no axis
+  traced); neural-tangents' ``empirical_nngp_fn`` traces the last axis by
+  default (``trace_axes=(-1,)``, as ``ntklayers.compat.neural_tangents`` does).
+
+  Args:
+    f: ``f(params, x) -> [N, ...]`` as for :func:`ntk_fn`.
+    trace_axes: output axes to contract and average over (``(-1,)`` gives an
+      ``[N1, N2]`` kernel).
+    diagonal_axes: output axes on which to keep only the diagonal (``(0,)``
+      gives per-example ``[N, O, O]`` kernels).
+    precision: matrix-product precision of the contraction, as for :func:`ntk_fn`.
+
+  Returns:
+    ``nngp_fn(params, x1, x2=None, **model_kwargs)``, jitted; ``model_kwargs``
+    as for :func:`ntk_fn`.
+
+  Example:
+    >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers
+    >>> net = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
+    >>> x = jnp.ones((4, 3))
+    >>> params = net.init(jax.random.key(0), x)
+    >>> k = ntklayers.nngp_fn(net.apply)(params, x, jnp.zeros((5, 3)))
+    >>> k.shape
+    (4, 5, 2, 2)
+    >>> bool(jnp.allclose(ntklayers.nngp_fn(net.apply, trace_axes=(-1,))(params, x),
+    ...                   net.apply(params, x) @ net.apply(params, x).T / 2))
+    True
+  """
+  f = _checks.check_f(f)
+  options = Options.create(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                           precision=precision)
+  return make_kernel_fn(_bind, lambda params: (f, params, None), options,
+                        "nngp_fn(params, x1, x2=None, **model_kwargs) -> NNGP; see "
+                        "ntklayers.nngp_fn.", get="nngp")
+
+
+def kernel_fn(f: Callable[[Any, Any], jax.Array], *,
+              get: str | Sequence[str] | None = KERNELS, **options: Any) -> KernelFn:
+  """Returns ``kernel_fn(params, x1, x2=None, **model_kwargs)``: NNGP and NTK in one call.
+
+  Both kernels come from one jitted program that evaluates the model's forward
+  pass once: the NNGP is contracted from the outputs of the program the NTK
+  capture replays (XLA merges the two evaluations; see ``docs/guides/kernels.md``).
+
+  Args:
+    f: ``f(params, x) -> [N, ...]`` as for :func:`ntk_fn`.
+    get: ``"nngp"``, ``"ntk"``, or a tuple of them (default ``("nngp", "ntk")``;
+      ``None`` means the same, as in neural-tangents).
+    **options: the options of :func:`ntk_fn` (``trace_axes``, ``diagonal_axes``
+      and ``precision`` apply to both kernels; ``implementation``,
+      ``layerwise``, ``trainable`` and ``independent_samples`` to the NTK).
+
+  Returns:
+    ``kernel_fn(params, x1, x2=None, **model_kwargs)`` returning one kernel for
+    a string ``get``, else a ``Kernels`` named tuple with one field per name in
+    ``get``'s order, e.g. ``Kernels(nngp=[N1, N2, O, O], ntk=[N1, N2, O, O])``.
+
+  Example:
+    >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers
+    >>> net = hk.without_apply_rng(hk.transform(lambda x: ntklayers.Linear(2)(x)))
+    >>> x = jnp.ones((4, 3))
+    >>> params = net.init(jax.random.key(0), x)
+    >>> k = ntklayers.kernel_fn(net.apply, trace_axes=(-1,))(params, x)
+    >>> k.nngp.shape, k.ntk.shape
+    ((4, 4), (4, 4))
+    >>> ntklayers.kernel_fn(net.apply, get="nngp")(params, x).shape
+    (4, 4, 2, 2)
+  """
+  f = _checks.check_f(f)
+  single, names = normalize_get(get)
+  opts = Options.create(**options)
+  return make_kernel_fn(_bind, lambda params: (f, params, None), opts,
+                        "kernel_fn(params, x1, x2=None, **model_kwargs) -> NNGP and/or NTK; "
+                        "see ntklayers.kernel_fn.", get=names[0] if single else names)
 
 
 def ntk(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: Any = None,

@@ -14,7 +14,7 @@ once per kernel function, and the NaN report.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -22,6 +22,7 @@ import jax
 from ntklayers._core import _checks
 from ntklayers._core._capture import capture_with, prepare
 from ntklayers._core._contract import all_finite, contract_unchecked, report_nonfinite
+from ntklayers._core._nngp import nngp, normalize_get, pack
 from ntklayers._core._options import Options, StaticKwargs, split_kwargs
 from ntklayers._core._plan import collecting_notes, emit_note
 
@@ -38,8 +39,10 @@ class KernelFunction:
       in the calls so far (parameters outside structured layers).
   """
 
-  def __init__(self, build: Build, split: Split, options: Options, doc: str):
+  def __init__(self, build: Build, split: Split, options: Options, doc: str,
+               get: str | Sequence[str] | None = None):
     self._build, self._split, self._options = build, split, options
+    self._get = _static_get(get)
     self._warned: set = set()  # fallback warnings are per kernel function
     self.fallback: tuple[str, ...] = ()
     self.__doc__ = doc
@@ -48,13 +51,14 @@ class KernelFunction:
     key, params, rest = self._split(model)
     _checks.check_pair(x1, x2)
     dynamic, static = split_kwargs(model_kwargs)
-    result = _jitted_kernel(self._build, key, self._options, static, params, rest, x1, x2,
-                            dynamic)
+    result = _jitted_kernel(self._build, key, self._options, static, self._get, params, rest,
+                            x1, x2, dynamic)
     self.fallback = tuple(dict.fromkeys(self.fallback + result.fallback))
     return checked(result, self._warned)
 
 
-def make_kernel_fn(build: Build, split: Split, options: Options, doc: str) -> KernelFunction:
+def make_kernel_fn(build: Build, split: Split, options: Options, doc: str,
+                   get: str | Sequence[str] | None = None) -> KernelFunction:
   """``kernel_fn(model, x1, x2=None, **model_kwargs)`` for one kind of model argument.
 
   Args:
@@ -66,20 +70,32 @@ def make_kernel_fn(build: Build, split: Split, options: Options, doc: str) -> Ke
       (static), ``params`` the differentiated pytree, ``rest`` other arrays.
     options: validated kernel options.
     doc: the kernel function's docstring.
+    get: which kernels the function returns: ``None`` (or ``"ntk"``) the NTK,
+      ``"nngp"`` the NNGP, a tuple such as ``("nngp", "ntk")`` a
+      ``Kernels`` named tuple of them computed in one program (see :func:`kernel`).
 
   Returns:
     A :class:`KernelFunction`.
   """
-  return KernelFunction(build, split, options, doc)
+  return KernelFunction(build, split, options, doc, get)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _jitted_kernel(build: Build, key: Any, options: Options, static: StaticKwargs, params: Any,
-            rest: Any, x1: Any, x2: Any, dynamic: list):
-  """One compiled kernel per model (``build``, ``key``), options, static model
-  kwargs and input shapes, shared by every kernel function with the same model
-  (JAX's jit cache holds them)."""
-  return kernel(build(key, rest, static.merge(dynamic)), params, x1, x2, options)
+def _static_get(get: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
+  """``get`` checked and made hashable (a static argument of the jitted kernel)."""
+  if get is None:
+    return None
+  single, names = normalize_get(get)
+  return names[0] if single else names
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _jitted_kernel(build: Build, key: Any, options: Options, static: StaticKwargs,
+                   get: str | tuple[str, ...] | None, params: Any, rest: Any, x1: Any, x2: Any,
+                   dynamic: list):
+  """One compiled kernel per model (``build``, ``key``), options, ``get``, static
+  model kwargs and input shapes, shared by every kernel function with the same
+  model (JAX's jit cache holds them)."""
+  return kernel(build(key, rest, static.merge(dynamic)), params, x1, x2, options, get)
 
 
 def with_kwargs(f: Callable, kwargs: dict[str, Any]) -> Callable:
@@ -123,19 +139,31 @@ def checked(result: KernelResult, warned: set | None = None):
   return result.value
 
 
-def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options) -> KernelResult:
+def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options,
+           get: str | tuple[str, ...] | None = None) -> KernelResult:
   """``contract(capture(x1), capture(x2))``, the body of every kernel function.
 
-  Both batches are discovered first and share one plan. Call it inside
-  ``jax.jit``; pass its result to :func:`checked` outside.
+  Both batches are discovered first and share one plan. With ``"nngp"`` in
+  ``get`` the NNGP ``f(x1) f(x2)^T`` is contracted from the outputs of the
+  programs discovery traced (:func:`ntklayers._core._nngp.outputs`: the forward
+  pass is the capture's, merged by XLA); ``get=None`` is the NTK alone. Call it
+  inside ``jax.jit``; pass its result to :func:`checked` outside.
   """
+  single, names = (True, ("ntk",)) if get is None else normalize_get(get)
   xs = (x1,) if x2 is None else (x1, x2)
-  with collecting_notes() as notes:
-    setup = prepare(f, params, xs, options)
-  c1 = capture_with(setup, params, x1)
-  c2 = None if x2 is None else capture_with(setup, params, x2)
-  result = contract_unchecked(c1, c2, options)
-  return KernelResult(result, all_finite(result), tuple(notes),
-                      tuple(g.name for g in setup.plan.fallback))
+  values: dict[str, Any] = {}
+  notes: list = []
+  setup = None
+  if "ntk" in names:
+    with collecting_notes() as notes:
+      setup = prepare(f, params, xs, options)
+    c1 = capture_with(setup, params, x1)
+    c2 = None if x2 is None else capture_with(setup, params, x2)
+    values["ntk"] = contract_unchecked(c1, c2, options)
+  if "nngp" in names:
+    values["nngp"] = nngp(f, params, x1, x2, options, setup)
+  result = pack(values, single, names)
+  fallback = () if setup is None else tuple(g.name for g in setup.plan.fallback)
+  return KernelResult(result, all_finite(result), tuple(notes), fallback)
 
 

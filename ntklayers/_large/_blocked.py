@@ -27,6 +27,7 @@ from ntklayers._large import _tiles as T
 from ntklayers._large._exec import Request, make_mesh
 from ntklayers._large._independence import (InteractingExamplesError, check_tiling,
                                             coupled_layers, why_not_tileable)
+from ntklayers._large._kernels import blocked_kernels
 from ntklayers._large._plan import plan
 
 
@@ -41,7 +42,8 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
                 implementation: str = "auto",
                 trainable: Any = None,
                 independent_samples: bool | None = None,
-                precision: str = "highest") -> np.ndarray:
+                precision: str = "highest",
+                get: str | Sequence[str] | None = None) -> Any:
   """The NTK of ``ntk_fn(f, ...)(params, x1, x2)``, computed block by block.
 
   The batches are cut into tiles of ``block_size`` examples; every tile's
@@ -77,10 +79,17 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
       A traced batch axis (``0`` in ``trace_axes``, ``N1 == N2``) averages the
       per-example kernels (diagonal blocks only); the result has no batch axis,
       so it is returned in memory (not with ``out``).
+    get: ``None`` or ``"ntk"``: the NTK; ``"nngp"``: the NNGP ``f(x1) f(x2)^T``
+      (as :func:`ntklayers.nngp_fn`, in the same blocks, budget and store: the
+      NTK of ``s * f`` over the scalar ``s`` at ``s = 1``); a tuple such as
+      ``("nngp", "ntk")``: a ``Kernels`` named tuple, one blocked run per kernel
+      in ``get``'s order, with ``out`` one path per kernel (a sequence in
+      ``get``'s order or a dict by name), each resumable on its own.
 
   Returns:
     A NumPy array of the kernel's shape (``[N1, N2, O, O]`` for outputs ``[N, O]``
-    and default axes), or with ``out`` the file opened read-only memory-mapped.
+    and default axes), or with ``out`` the file opened read-only memory-mapped;
+    a ``Kernels`` named tuple of them for a tuple ``get``.
 
   Raises:
     MemoryBudgetError: the request cannot fit ``max_memory``.
@@ -98,7 +107,19 @@ def ntk_blocked(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: An
     >>> K = ntklayers.ntk_blocked(net.apply, params, x, block_size=4)
     >>> K.shape, bool(np.allclose(K, ntklayers.ntk(net.apply, params, x), atol=1e-5))
     ((10, 10, 2, 2), True)
+    >>> k = ntklayers.ntk_blocked(net.apply, params, x, block_size=4, get=("nngp", "ntk"))
+    >>> k.nngp.shape, bool(np.allclose(k.ntk, K))
+    ((10, 10, 2, 2), True)
   """
+  if get is not None:
+    def run(f: Callable, params: Any, out: Any, implementation: str, trainable: Any):
+      return _blocked(f, params, x1, x2, block_size=block_size, max_memory=max_memory,
+                      out=out, progress=progress, model_kwargs=model_kwargs,
+                      trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+                      implementation=implementation, trainable=trainable,
+                      independent_samples=independent_samples, precision=precision)
+    return blocked_kernels(run, _core.check_f(f), params, x1, get, out, model_kwargs,
+                           trainable, implementation)
   return _blocked(f, params, x1, x2, block_size=block_size, max_memory=max_memory, out=out,
                   progress=progress, model_kwargs=model_kwargs, trace_axes=trace_axes,
                   diagonal_axes=diagonal_axes, implementation=implementation,

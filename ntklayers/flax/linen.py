@@ -1,8 +1,11 @@
-"""Annotated flax.linen layers (drop-ins) and the linen kernel entry point."""
+"""Annotated flax.linen layers (drop-ins), the linen kernel entry point, and
+``linearize`` / ``taylor_expand`` of linen modules (in their ``params``)."""
 
 from ntklayers import adapters as _adapters
 from ntklayers.flax._linen_intercept import intercept as _intercept
+from ntklayers.flax._linen_kernel import linearize
 from ntklayers.flax._linen_kernel import ntk_fn
+from ntklayers.flax._linen_kernel import taylor_expand
 from ntklayers.flax._linen_layers import Conv
 from ntklayers.flax._linen_layers import Dense
 from ntklayers.flax._linen_layers import DenseGeneral
@@ -27,5 +30,7 @@ __all__ = (
     "MultiHeadAttention",
     "MultiHeadDotProductAttention",
     "RMSNorm",
+    "linearize",
     "ntk_fn",
+    "taylor_expand",
 )

@@ -1,7 +1,10 @@
-"""Annotated flax.nnx layers (drop-ins) and the NNX kernel entry point."""
+"""Annotated flax.nnx layers (drop-ins), the NNX kernel entry point, and
+``linearize`` / ``taylor_expand`` of NNX models (in their ``nnx.Param`` state)."""
 
 from ntklayers import adapters as _adapters
+from ntklayers.flax._nnx_kernel import linearize
 from ntklayers.flax._nnx_kernel import ntk_fn
+from ntklayers.flax._nnx_kernel import taylor_expand
 from ntklayers.flax._nnx_layers import Conv
 from ntklayers.flax._nnx_layers import Embed
 from ntklayers.flax._nnx_layers import LayerNorm
@@ -25,5 +28,7 @@ __all__ = (
     "LinearGeneral",
     "MultiHeadAttention",
     "RMSNorm",
+    "linearize",
     "ntk_fn",
+    "taylor_expand",
 )
