@@ -4,7 +4,11 @@
 a grammar (:func:`specs`): annotated layers of every kind (``ntklayers.Linear``,
 ``ntklayers.haiku.Conv1D`` / ``Conv2D``, ``LayerNorm``, ``MultiHeadAttention``) and
 plain ones (``hk.Linear``, ``hk.Conv1D`` / ``Conv2D``, ``hk.LayerNorm``,
-``hk.MultiHeadAttention``, ``hk.Embed``, ``hk.BatchNorm`` in both modes), residuals,
+``hk.MultiHeadAttention``, ``hk.Embed``, ``hk.BatchNorm`` in both modes), plain
+``jax.numpy`` layers on named parameters (``x @ w + b``, ``lax.conv_general_dilated``,
+a LayerNorm's scale and offset by hand, a ``table[ids]`` embedding) and per-example
+layers under ``jax.vmap`` as Equinox writes them (a ``[out, in]`` weight, a
+convolution of one example), residuals,
 weight tying inside annotated layers (one module called twice) and outside them (a
 tied decoder, a bias reused as a scale), batch-coupling ops (centering, softmax over
 the batch, batch statistics), JAX transforms inside the model (``hk.remat``,
@@ -20,7 +24,7 @@ ignored, exceptions fail. Rebuild a failing spec with ``build(spec)`` / ``check(
 Shrinking is off (each step recompiles; ``NTKLAYERS_FUZZ_SHRINK=1`` turns it on), and
 so is hypothesis' example database (nothing is written to the repository).
 
-* ``test_fuzz_implementations``: the 4 ``EXAMPLES`` plus 8 drawn examples,
+* ``test_fuzz_implementations``: the 5 ``EXAMPLES`` plus 8 drawn examples,
   ``derandomize=True`` (the same ones on every run); about 70 s on one CPU core.
 * ``test_fuzz_implementations_slow`` (``@pytest.mark.slow``): 300 examples drawn
   from ``@seed(SLOW_SEED)``.
@@ -74,16 +78,20 @@ COMMON_OPS = ("linear", "hk_linear", "act", "residual", "shared_twice", "tied_de
               "bias_scale", "layernorm", "hk_layernorm", "batchnorm", "center",
               "batch_softmax", "batch_stats", "permute", "gather", "prototypes",
               # JAX transforms inside the model (structure tags survive them):
-              "remat", "stack", "scan_shared", "vmap_linear")
+              "remat", "stack", "scan_shared", "vmap_linear",
+              # stock layers in plain jax.numpy, per-example layers under jax.vmap:
+              "jnp_dense", "jnp_norm", "vmap_dense_t")
 RANK2_OPS = COMMON_OPS + ("unflatten",)                          # -> rank 3
-RANK3_OPS = COMMON_OPS + ("conv1d", "conv2d", "mha", "transpose", "pool")  # pool -> rank 2
+RANK3_OPS = COMMON_OPS + ("conv1d", "conv2d", "mha", "transpose", "pool",  # pool -> rank 2
+                          "jnp_conv", "vmap_conv")
+TOKEN_OPS = ("embed", "jnp_embed")                               # the first op on tokens
 
 
 @st.composite
 def _op(draw, rank: int, n1: int) -> tuple:
   kind = draw(st.sampled_from(RANK2_OPS if rank == 2 else RANK3_OPS))
   width = st.integers(2, 5)
-  if kind in ("linear", "hk_linear"):
+  if kind in ("linear", "hk_linear", "jnp_dense", "vmap_dense_t"):
     return (kind, draw(width), draw(st.booleans()))           # width, with_bias
   if kind == "act":
     return (kind, draw(st.sampled_from(["tanh", "gelu", "sin", "relu"])))
@@ -101,6 +109,10 @@ def _op(draw, rank: int, n1: int) -> tuple:
     return (kind, draw(st.integers(1, 3)), draw(st.booleans()))
   if kind in ("conv1d", "conv2d"):            # (width, kernel size, plain)
     return (kind, draw(width), draw(st.integers(1, 3)), draw(st.booleans()))
+  if kind in ("jnp_conv", "vmap_conv"):       # (width, kernel size, dilation)
+    return (kind, draw(width), draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+  if kind == "jnp_norm":                      # with an offset
+    return (kind, draw(st.booleans()))
   return (kind,)
 
 
@@ -109,7 +121,7 @@ def specs(draw) -> Spec:
   inp = draw(st.sampled_from(["vec", "seq", "tokens"]))
   n1 = draw(st.integers(2, 3))
   rank = 2 if inp == "vec" else 3
-  ops = [("embed",)] if inp == "tokens" else []
+  ops = [(draw(st.sampled_from(TOKEN_OPS)),)] if inp == "tokens" else []
   for _ in range(draw(st.integers(1, 4))):
     op = draw(_op(rank, n1))
     ops.append(op)
@@ -148,6 +160,51 @@ def _row(v, rank: int):
   return v.reshape((1,) * (rank - 1) + (-1,))
 
 
+class _Params(hk.Module):
+  """Named parameters for the plain ``jax.numpy`` ops (a module for a unique name)."""
+
+  def __call__(self, dtype, **shapes):
+    init = hk.initializers.RandomNormal()
+    return {n: hk.get_parameter(n, s, dtype, init=init) for n, s in shapes.items()}
+
+
+def _conv1d(z, w, b, dilation: int):
+  """``[N, T, F] -> [N, T, W]``: a SAME convolution over T with ``w [k, F, W]``."""
+  out = jax.lax.conv_general_dilated(z, w, (1,), "SAME", rhs_dilation=(dilation,),
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
+  return out + b.reshape(1, 1, -1)
+
+
+def _plain_op(kind: str, args: tuple, h):
+  """The plain ``jax.numpy`` ops and the per-example ops under ``jax.vmap``."""
+  rank, f, dtype = h.ndim, h.shape[-1], h.dtype
+  if kind == "jnp_embed":                             # a table gather
+    return _Params()(jnp.float64, table=[VOCAB, 4])["table"][h]
+  if kind == "jnp_dense":                             # x @ w + b
+    p = _Params()(dtype, w=[f, args[0]], **({"b": [args[0]]} if args[1] else {}))
+    return h @ p["w"] + _row(p["b"], rank) if args[1] else h @ p["w"]
+  if kind == "jnp_norm":                              # a LayerNorm by hand
+    p = _Params()(dtype, scale=[f], offset=[f])
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    z = (h - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(h - mean), -1, keepdims=True) + 0.5)
+    z = z * _row(p["scale"], rank)
+    return z + _row(p["offset"], rank) if args[0] else z
+  if kind == "jnp_conv":
+    p = _Params()(dtype, w=[args[1], f, args[0]], b=[args[0]])
+    return _conv1d(h, p["w"], p["b"], args[2])
+  if kind == "vmap_dense_t":                          # eqx.nn.Linear: w [out, in], vmapped
+    p = _Params()(dtype, w_t=[args[0], f], **({"b": [args[0]]} if args[1] else {}))
+
+    def linear(z):                                    # one example: [F] or [T, F]
+      y = (jax.vmap(lambda t: p["w_t"] @ t)(z) if z.ndim == 2 else p["w_t"] @ z)
+      return y + _row(p["b"], z.ndim) if args[1] else y
+    return jax.vmap(linear)(h)
+  if kind == "vmap_conv":                             # eqx.nn.Conv: one example, x[None]
+    p = _Params()(dtype, w=[args[1], f, args[0]], b=[args[0]])
+    return jax.vmap(lambda z: _conv1d(z[None], p["w"], p["b"], args[2])[0])(h)
+  raise ValueError(kind)
+
+
 class _Prototypes(hk.Module):
   def __call__(self, k: int, d: int, dtype):
     return hk.get_parameter("protos", [k, d], dtype, init=hk.initializers.RandomNormal())
@@ -161,6 +218,8 @@ def _apply_op(op: tuple, h, init: bool = False):
   n = h.shape[0]
   if kind == "embed":
     return hk.Embed(VOCAB, 4)(h)
+  if kind.startswith(("jnp_", "vmap_dense_t", "vmap_conv")):
+    return _plain_op(kind, args, h)
   if kind == "linear":
     return ntklayers.Linear(args[0], with_bias=args[1])(h)
   if kind == "hk_linear":
@@ -397,6 +456,9 @@ EXAMPLES = (
     Spec("seq", (("stack", 2, True), ("remat",), ("scan_shared",), ("vmap_linear",),
                  ("shared_twice",), ("pool",)), ("linear", 2, False), 3, 2, (), (),
          ("all",), True),
+    Spec("tokens", (("jnp_embed",), ("jnp_conv", 3, 2, 2), ("vmap_dense_t", 3, True),
+                    ("jnp_norm", True), ("vmap_conv", 2, 3, 1), ("jnp_dense", 2, True),
+                    ("pool",)), ("linear", 2, False), 3, 2, (), (), ("no_biases",), True),
 )
 
 
@@ -405,6 +467,7 @@ EXAMPLES = (
 @example(spec=EXAMPLES[1])
 @example(spec=EXAMPLES[2])
 @example(spec=EXAMPLES[3])
+@example(spec=EXAMPLES[4])
 @given(spec=specs())
 def test_fuzz_implementations(spec):
   check(spec)
@@ -421,11 +484,14 @@ def test_fuzz_implementations_slow(spec):
 def test_spec_grammar_covers_every_op():
   """The grammar draws every op, and each builds (a typo in ``_op`` would silently
   drop one from the fuzzer). Traced only, no compilation."""
-  for kind in sorted(set(RANK2_OPS) | set(RANK3_OPS)):
+  for kind in sorted(set(RANK2_OPS) | set(RANK3_OPS) | set(TOKEN_OPS)):
     rank = 2 if kind in RANK2_OPS else 3
-    op = find(_op(rank, 3), lambda o, kind=kind: o[0] == kind,
-              settings=settings(database=None, derandomize=True))
-    h = jnp.zeros((3, 4) if rank == 2 else (3, 3, 4), jnp.float64)
+    if kind in TOKEN_OPS:
+      op, h = (kind,), jnp.zeros((3, 3), jnp.int32)
+    else:
+      op = find(_op(rank, 3), lambda o, kind=kind: o[0] == kind,
+                settings=settings(database=None, derandomize=True))
+      h = jnp.zeros((3, 4) if rank == 2 else (3, 3, 4), jnp.float64)
     init = hk.transform_with_state(lambda x, op=op: _apply_op(op, x, init=True)).init
     with jax.numpy_dtype_promotion("standard"):  # hk.BatchNorm (see _promotion)
       params, _ = jax.eval_shape(init, jax.random.key(0), h)
