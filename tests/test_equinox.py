@@ -213,3 +213,22 @@ def test_float32():
   assert k.dtype == jnp.float32
   j1, j2 = _jacobians("equinox_stock_mlp")  # the same NumPy values in float64
   assert_rel_close(k, apply_axes(full_kernel(j1, j2), 2), TOL32)
+
+
+class Scaled(eqx.Module):
+  """A weakly typed scalar parameter (``jnp.asarray(0.5)``): inexact, so
+  differentiated (inside ``jax.jit`` it looks like a Python float would)."""
+
+  linear: eqx.nn.Linear
+  alpha: jax.Array
+
+  def __call__(self, x):
+    return self.alpha * jnp.tanh(self.linear(x))
+
+
+def test_weakly_typed_scalar_parameter():
+  model = Scaled(eqx.nn.Linear(3, 2, key=jax.random.key(0)), jnp.asarray(0.5))
+  assert model.alpha.weak_type
+  _, x1, x2 = _dropout_case()
+  k = ntklayers.equinox.ntk_fn()(model, x1, x2)
+  assert_rel_close(k, _reference(model, x1, x2), TOL64)

@@ -45,12 +45,10 @@ def _framework_of(obj: Any) -> str | None:
 
 
 def _is_parameter(leaf: Any) -> bool:
-  """A floating array that is not a Python scalar (which ``jax.jit`` turns into a
-  weakly typed 0-d value): what ``eqx.is_inexact_array`` keeps."""
-  if not hasattr(leaf, "dtype") or not _jax_compat.is_inexact(leaf.dtype):
-    return False
-  weak = getattr(getattr(leaf, "aval", leaf), "weak_type", False)
-  return not (weak and np.ndim(leaf) == 0)
+  """A floating array (what ``eqx.is_inexact_array`` keeps; Python numbers are not).
+  Inside ``jax.jit`` a Python float has become a weakly typed array, which cannot
+  be told from a weakly typed scalar parameter: both count as parameters there."""
+  return hasattr(leaf, "dtype") and _jax_compat.is_inexact(leaf.dtype)
 
 
 _ARTICLES = {"equinox": "an Equinox", "linen": "a Flax linen", "nnx": "a Flax NNX"}
@@ -85,8 +83,7 @@ def check_not_module(params: Any, name: str = "params") -> None:
       raise _module_error(where, framework, node)
     for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(node)[0]:
       if not _is_parameter(leaf):
-        kind = (f"{leaf.dtype} array" if hasattr(leaf, "dtype") and np.ndim(leaf)
-                else type(leaf).__name__)
+        kind = f"{leaf.dtype} value" if hasattr(leaf, "dtype") else type(leaf).__name__
         raise _module_error(
             where, framework, node,
             f" with leaves that are not parameters (a {kind} at "
