@@ -41,12 +41,16 @@ INNER = (2, 2)
 
 
 def load_store() -> types.ModuleType:
-  """``ntklayers._large._store`` without running ``ntklayers/__init__.py``."""
+  """``ntklayers._large._store`` without running the packages' ``__init__.py``."""
   if "ntklayers" not in sys.modules:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pkg = types.ModuleType("ntklayers")
     pkg.__path__ = [os.path.join(root, "ntklayers")]
     sys.modules["ntklayers"] = pkg
+  if "ntklayers._large" not in sys.modules:  # its __init__ imports the JAX side too
+    large = types.ModuleType("ntklayers._large")
+    large.__path__ = [os.path.join(sys.modules["ntklayers"].__path__[0], "_large")]
+    sys.modules["ntklayers._large"] = large
   from ntklayers._large import _store  # pylint: disable=g-import-not-at-top
   return _store
 

@@ -174,12 +174,13 @@ class KernelOperator:
     filename = getattr(k, "filename", None) if isinstance(k, np.memmap) else None
     if filename is not None:
       try:
-        shape, dtype, fortran, _ = _npy_header(os.fspath(filename))
-        if shape == k.shape and dtype == k.dtype and not fortran and k.flags.c_contiguous:
-          return cls.from_npy(filename, symmetric=symmetric, block_bytes=block_bytes,
-                              name=name)
-      except (OSError, ValueError):
-        pass
+        header = _npy_header(os.fspath(filename))
+      except (OSError, ValueError):  # not a whole .npy file: read it through the array
+        header = None
+      if (header is not None and header[:2] == (k.shape, k.dtype) and not header[2]
+          and k.flags.c_contiguous):
+        # from_npy refuses an unfinished ntk_blocked file: that error must reach the caller.
+        return cls.from_npy(filename, symmetric=symmetric, block_bytes=block_bytes, name=name)
     shape = tuple(int(s) for s in np.shape(k))
     return cls._blocked(lambda a, b, c: np.asarray(k[a:b, c:]), shape, np.dtype(k.dtype),
                         block_bytes, name, symmetric)
