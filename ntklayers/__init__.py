@@ -21,10 +21,14 @@ from ntklayers._core import ConvConfig
 from ntklayers._core import DenseConfig
 from ntklayers._core import EmbedConfig
 from ntklayers._core import Factors
+from ntklayers._core import GroupRoute
+from ntklayers._core import Inspection
 from ntklayers._core import Rule
 from ntklayers._core import ScaleConfig
+from ntklayers._core import SlowRouteWarning
 from ntklayers._core import capture
 from ntklayers._core import contract
+from ntklayers._core import inspect
 from ntklayers._core import kernel_fn
 from ntklayers._core import nngp_fn
 from ntklayers._core import ntk
@@ -51,11 +55,14 @@ __all__ = (
     "DenseConfig",
     "EmbedConfig",
     "Factors",
+    "GroupRoute",
+    "Inspection",
     "InteractingExamplesError",
     "Linear",
     "MemoryBudgetError",
     "Rule",
     "ScaleConfig",
+    "SlowRouteWarning",
     "StoreError",
     "TrainabilityError",
     "TrainabilityReport",
@@ -64,6 +71,7 @@ __all__ = (
     "check_trainability",
     "contract",
     "init",
+    "inspect",
     "kernel_fn",
     "linearize",
     "metrics",

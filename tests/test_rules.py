@@ -129,6 +129,13 @@ def _scale(param_axes):
   return apply
 
 
+def _bias(param_axes):
+  def apply(params, x):
+    shape = [x.shape[a] if a in param_axes else 1 for a in range(x.ndim)]
+    return x + params["offset"].reshape(shape)
+  return apply
+
+
 # ---------------------------------------------------------------- embed ---
 
 
@@ -171,6 +178,12 @@ EXAMPLES: dict[str, tuple[Example, ...]] = {
                 _leaves(scale=(6,), offset=(6,)), _scale((2,))),
         Example("scale_two_axes", _rules.ScaleConfig(param_axes=(1, 3)), _rows(2, 3, 4),
                 _leaves(scale=(2, 4), offset=(2, 4)), _scale((1, 3))),
+    ),
+    "bias": (  # recognized ``y + b``: only the cotangents are read
+        Example("bias_last_axis", _rules.ScaleConfig(param_axes=(2,)), _rows(4, 6),
+                _leaves(offset=(6,)), _bias((2,))),
+        Example("bias_two_axes", _rules.ScaleConfig(param_axes=(1, 3)), _rows(2, 3, 4),
+                _leaves(offset=(2, 4)), _bias((1, 3))),
     ),
     "embed": (
         Example("embed_wrap_out_of_range", EmbedConfig(11, "wrap"), _ids(11, 6, low=-11, high=14),
@@ -232,9 +245,11 @@ def _rest(ex: Example, params, x) -> tuple[int, ...]:
 
 
 def _roles(op, params) -> list[tuple[bool, bool]]:
-  """``(with_weight, with_offset)`` combinations the example's parameters allow."""
-  assert op.roles[0] in params, (op.roles, sorted(params))
-  assert set(params) <= set(op.roles), (op.roles, sorted(params))
+  """``(with_weight, with_offset)`` combinations the example's parameters allow
+  (an offset-only rule such as ``bias`` has examples without the weight role)."""
+  assert set(params) <= set(op.roles) and params, (op.roles, sorted(params))
+  if op.roles[0] not in params:
+    return [(False, True)]
   if op.roles[1] in params:
     return [(True, False), (False, True), (True, True)]
   return [(True, False)]
@@ -345,9 +360,11 @@ def test_jacobian_matches_jacrev(kind, ex, shared):
   got = dict(zip(combos, op_jacobians(x)))
   ref = reference_jacobians(ex, params, x)
   weight, offset = op.roles
-  assert_same_columns(got[True, False], ref[weight], f"{ex.name} {weight}")
+  if (True, False) in got:
+    assert_same_columns(got[True, False], ref[weight], f"{ex.name} {weight}")
   if (False, True) in got:
     assert_same_columns(got[False, True], ref[offset], f"{ex.name} {offset}")
+  if (True, True) in got:
     np.testing.assert_array_equal(
         got[True, True], np.concatenate([got[True, False], got[False, True]], axis=-1),
         err_msg="the Jacobian of both roles is the weight's, then the offset's")

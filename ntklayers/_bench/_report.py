@@ -49,7 +49,7 @@ def markdown_report(path: str | None, title: str, intro: str = "") -> Iterator[N
     return
   captured = io.StringIO()
   real = sys.stdout
-  sys.stdout = _Tee(real, captured)  # type: ignore[assignment]
+  sys.stdout = _Tee(real, captured)  # type: ignore[arg-type]
   try:
     yield
   finally:

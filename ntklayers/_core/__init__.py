@@ -27,12 +27,16 @@ What goes in and what comes out:
 # The built-in rules register themselves on import.
 from ntklayers._core import _rules  # noqa: F401
 from ntklayers._core import _rules_embed  # noqa: F401
+from ntklayers._core._api import inspect
 from ntklayers._core._api import kernel_fn
 from ntklayers._core._api import nngp_fn
 from ntklayers._core._api import ntk
 from ntklayers._core._api import ntk_fn
 from ntklayers._core._api import summed_logits
 from ntklayers._core._axes import OutputSpec
+from ntklayers._core._inspect import GroupRoute
+from ntklayers._core._inspect import Inspection
+from ntklayers._core._plan import SlowRouteWarning
 from ntklayers._core._axes import normalize_axes
 from ntklayers._core._capture import Factors
 from ntklayers._core._capture import Setup
@@ -99,16 +103,16 @@ from ntklayers._core._session import register_interceptor
 from ntklayers._core._session import tap
 
 __all__ = (
-    "AFFINE", "CHECKED", "COUPLED", "GATHER", "INDEPENDENT", "KERNELS", "SCALE", "ConvConfig",
-    "DenseConfig", "Description", "EmbedConfig", "Factors", "KernelResult", "Op", "Options",
-    "OutputSpec", "Rule", "ScaleConfig", "Setup", "StaticKwargs", "agree", "all_finite",
-    "batch_size", "capture", "capture_with", "capturing", "check_batch", "check_cotangent",
-    "check_f", "check_output", "check_pair", "check_params", "check_tolerance", "checked",
-    "collecting_notes", "contract", "contract_unchecked", "contract_with_spec",
-    "declare_coupled", "discover", "emit_note", "execution_order", "interceptors", "is_inexact",
-    "is_tracer", "kernel", "kernel_fn", "kernels_type", "make_kernel_fn", "nngp_contract",
-    "nngp_fn", "normalize_axes", "normalize_get", "note_failure", "ntk", "ntk_fn",
-    "prepare", "prove_rows", "register_interceptor", "register_rule", "replay",
-    "report_nonfinite", "resolve_trainable", "restrict", "shard_map", "split_kwargs",
-    "summed_logits", "tap", "why_rows_not_examples", "with_kwargs",
+    "AFFINE", "CHECKED", "COUPLED", "ConvConfig", "DenseConfig", "Description", "EmbedConfig",
+    "Factors", "GATHER", "GroupRoute", "INDEPENDENT", "Inspection", "KERNELS", "KernelResult",
+    "Op", "Options", "OutputSpec", "Rule", "SCALE", "ScaleConfig", "Setup", "SlowRouteWarning",
+    "StaticKwargs", "agree", "all_finite", "batch_size", "capture", "capture_with", "capturing",
+    "check_batch", "check_cotangent", "check_f", "check_output", "check_pair", "check_params",
+    "check_tolerance", "checked", "collecting_notes", "contract", "contract_unchecked",
+    "contract_with_spec", "declare_coupled", "discover", "emit_note", "execution_order", "inspect",
+    "interceptors", "is_inexact", "is_tracer", "kernel", "kernel_fn", "kernels_type",
+    "make_kernel_fn", "nngp_contract", "nngp_fn", "normalize_axes", "normalize_get",
+    "note_failure", "ntk", "ntk_fn", "prepare", "prove_rows", "register_interceptor",
+    "register_rule", "replay", "report_nonfinite", "resolve_trainable", "restrict", "shard_map",
+    "split_kwargs", "summed_logits", "tap", "why_rows_not_examples", "with_kwargs",
 )

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers._core import _checks
+from ntklayers._core._inspect import Inspection
 from ntklayers._core._kernel_fn import KernelFn, make_kernel_fn, with_kwargs
 from ntklayers._core._nngp import KERNELS, normalize_get
 from ntklayers._core._options import Options
@@ -22,7 +23,8 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
            layerwise: bool = False,
            trainable: Any = None,
            independent_samples: bool | None = None,
-           precision: str = "highest") -> KernelFn:
+           precision: str = "highest",
+           structure: str = "auto") -> KernelFn:
   """Returns ``kernel_fn(params, x1, x2=None, **model_kwargs)``, the exact empirical NTK.
 
   ``Theta(x1, x2) = J(x1) J(x2)^T`` where ``J`` is the Jacobian of ``f`` with
@@ -55,6 +57,11 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
       promises independence and skips the checks.
     precision: matrix-product precision of the contractions, ``"highest"``,
       ``"high"`` or ``"default"`` (or a ``jax.lax.Precision``).
+    structure: ``"auto"`` (default): besides the drop-ins, the dense,
+      convolution, bias, scale and embedding equations of unmodified layers
+      (``hk.Linear``, ``nn.Dense``, ``x @ W + b``, ...) are recognized in the
+      traced program and contracted from factors too; ``"annotated"``: drop-ins
+      only (everything else on the fallback), to compare.
 
   Returns:
     ``kernel_fn(params, x1, x2=None, **model_kwargs)``; ``x2=None`` means
@@ -80,7 +87,7 @@ def ntk_fn(f: Callable[[Any, Any], jax.Array], *,
   options = Options.create(trace_axes=trace_axes, diagonal_axes=diagonal_axes,
                            implementation=implementation, layerwise=layerwise,
                            trainable=trainable, independent_samples=independent_samples,
-                           precision=precision)
+                           precision=precision, structure=structure)
   return make_kernel_fn(_bind, lambda params: (f, params, None), options,
                         "kernel_fn(params, x1, x2=None, **model_kwargs) -> NTK; see "
                         "ntklayers.ntk_fn.")
@@ -209,3 +216,35 @@ def summed_logits(f: Callable[[Any, Any], jax.Array]) -> Callable[[Any, Any], ja
     return jnp.sum(out, axis=tuple(range(1, out.ndim)))
 
   return summed
+
+
+def inspect(f: Callable[[Any, Any], jax.Array], params: Any, x1: Any, x2: Any = None,
+            **options: Any) -> Inspection:
+  """How ``ntk_fn(f, **options)(params, x1, x2)`` would handle each parameter.
+
+  Nothing is computed: the model is traced abstractly (``jax.eval_shape``) and
+  the plan is the one the kernel function would make. Per group: the parameter
+  paths and size, the route (``"structured (tag)"`` for drop-in layers,
+  ``"structured (recognized)"`` for equations of unmodified layers,
+  ``"fallback (jacobian)"`` / ``"fallback (ntk_vp)"``), the reason for a
+  fallback, the estimated FLOPs and factor memory; and the sample mode.
+
+  Args:
+    f: ``f(params, x) -> [N, ...]`` as for :func:`ntk_fn`.
+    params: its parameters.
+    x1: first batch ``[N1, ...]``.
+    x2: second batch ``[N2, ...]`` (``None``: ``x1``).
+    **options: the options of :func:`ntk_fn`.
+
+  Returns:
+    An :class:`Inspection`; ``print`` it for a table.
+
+  Example:
+    >>> import haiku as hk, jax, jax.numpy as jnp, ntklayers
+    >>> net = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([8, 2])(x)))
+    >>> params = net.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> info = ntklayers.inspect(net.apply, params, jnp.ones((4, 3)))
+    >>> [g.route for g in info.groups][:2]
+    ['structured (recognized)', 'structured (recognized)']
+  """
+  return ntk_fn(f, **options).inspect(params, x1, x2)  # type: ignore[attr-defined]

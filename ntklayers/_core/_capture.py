@@ -18,13 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers._core import _checks
+from ntklayers._core import _cost
 from ntklayers._core import _jax_compat
 from ntklayers._core import _replay
 from ntklayers._core import _session
 from ntklayers._core._discovery import Traced, discover, outside
 from ntklayers._core._options import Options
 from ntklayers._core._fallback import check_jacobians, choose, jacobians
-from ntklayers._core._plan import (Plan, captured_calls, forward_flops, make_plan,
+from ntklayers._core._plan import (Plan, captured_calls, make_plan,
                                    resolve_trainable, warn_once)
 from ntklayers._core._replay import capture_cotangents
 from ntklayers._core._rule import rule_of
@@ -48,6 +49,7 @@ class Setup:
     traced: the programs discovery traced (one per batch shape), reused by every
       capture in the same computation (not compared, not hashed).
     interceptors: the adapters' interceptors active while tracing.
+    recognize: whether equations of unmodified layers were recognized.
   """
 
   f: Callable
@@ -60,6 +62,7 @@ class Setup:
   rows_proven: bool | None = None
   traced: tuple[Traced, ...] = dataclasses.field(default=(), compare=False, repr=False)
   interceptors: tuple = dataclasses.field(default=(), compare=False, repr=False)
+  recognize: bool = True
 
   def signature(self) -> tuple:
     """What two caches must share to be contracted together."""
@@ -108,7 +111,7 @@ class Factors:
 
 def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
             implementation: str = "auto", trainable: Any = None,
-            independent_samples: bool | None = None) -> Factors:
+            independent_samples: bool | None = None, structure: str = "auto") -> Factors:
   """Captures the NTK factors of ``f`` at ``params`` on the batch ``x``.
 
   Args:
@@ -122,6 +125,8 @@ def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
       (one more random cotangent in the capture's VJP), that examples do not
       interact and layer rows are examples; ``False`` declares that they
       interact (the batch is one sample); ``True`` promises that they do not.
+    structure: ``"auto"`` (drop-ins and recognized equations of unmodified
+      layers) or ``"annotated"`` (drop-ins only), as for :func:`ntk_fn`.
 
   Returns:
     A :class:`Factors` pytree to pass to :func:`ntklayers.contract`.
@@ -135,7 +140,7 @@ def capture(f: Callable[[Any, Any], jax.Array], params: Any, x: Any, *,
     (4, 4, 3, 3)
   """
   options = Options.create(implementation=implementation, trainable=trainable,
-                           independent_samples=independent_samples)
+                           independent_samples=independent_samples, structure=structure)
   f = _checks.check_f(f)
   return capture_with(prepare(f, params, (x,), options), params, x)
 
@@ -153,7 +158,8 @@ def prepare(f: Callable, params: Any, xs: tuple, options: Options) -> Setup:
   for k, x in enumerate(xs):
     _checks.check_batch(x, "x" if len(xs) == 1 else f"x{k + 1}")
   hooks = _session.interceptors()
-  traced = tuple(discover(f, params, x, hooks) for x in xs)
+  recognize = options.structure != "annotated"
+  traced = tuple(discover(f, params, x, hooks, recognize) for x in xs)
   mask = resolve_trainable(options.mask, params)
   structured = options.implementation in ("auto", "structured")
   independent = options.independent_samples
@@ -175,7 +181,8 @@ def prepare(f: Callable, params: Any, xs: tuple, options: Options) -> Setup:
   mode = (_replay.INDEPENDENT if independent is True else
           _replay.COUPLED if coupled else _replay.CHECKED)
   out_shape, out_dtype = traced[0].out_shape, traced[0].out_dtype
-  method = _fallback_method(options, plan, params, out_shape, out_dtype)
+  flops = _cost.forward_flops_per_example(traced[0].jaxpr, out_shape[0])
+  method = _fallback_method(options, plan, params, out_shape, out_dtype, flops)
   proven = None
   if mode == _replay.CHECKED and plan.groups:
     proven = all(_replay.rows_proven(t, params, x, _active(plan, t))
@@ -188,7 +195,7 @@ def prepare(f: Callable, params: Any, xs: tuple, options: Options) -> Setup:
   if mode == _replay.CHECKED and not (check_layers or check_jacobians):
     mode = _replay.INDEPENDENT  # proven, or whole-batch NTK-vector products only
   return Setup(f, plan, out_shape[1:], out_dtype, mode, method, check_layers, proven,
-               traced, hooks)
+               traced, hooks, recognize)
 
 
 def prove_rows(setup: Setup, params: Any, xs: tuple) -> bool:
@@ -202,7 +209,7 @@ def prove_rows(setup: Setup, params: Any, xs: tuple) -> bool:
 
 
 def _fallback_method(options: Options, plan: Plan, params: Any, out_shape: tuple[int, ...],
-                     out_dtype: Any) -> str:
+                     out_dtype: Any, flops_per_example: float) -> str:
   """The fallback route: the one asked for, or under ``"auto"`` the cheaper one."""
   if options.implementation in ("jacobian", "structured"):
     return "jacobian"
@@ -211,7 +218,7 @@ def _fallback_method(options: Options, plan: Plan, params: Any, out_shape: tuple
   leaves = jax.tree.leaves(params)
   n_fb = sum(leaves[i].size for g in plan.fallback for i in g.leaves)
   return choose(out_shape[0], math.prod(out_shape[1:]), n_fb, jnp.dtype(out_dtype).itemsize,
-                forward_flops(plan.records, params), diagonal=options.diagonal_batch)
+                flops_per_example, diagonal=options.diagonal_batch)
 
 
 def _active(plan: Plan, traced: Traced) -> list:
@@ -279,7 +286,8 @@ def _traced_for(setup: Setup, params: Any, x: Any) -> Traced:
     if ([(tuple(v.aval.shape), v.aval.dtype) for v in invars] == avals
         and _jax_compat.consts_alive(t.jaxpr.consts)):
       return t
-  return discover(setup.f, params, x, setup.interceptors or _session.interceptors())
+  return discover(setup.f, params, x, setup.interceptors or _session.interceptors(),
+                  setup.recognize)
 
 
 def recapture_coupled(cache: Factors) -> Factors:

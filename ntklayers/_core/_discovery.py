@@ -7,7 +7,10 @@ jaxpr and makes one :class:`CallRecord` per tag: the parameter leaves it reads
 (followed through the data flow of the program, never guessed from shapes: a
 tag operand is a parameter only if it *is* a leaf of ``params``, or a per-step
 slice of one taken by an enclosing ``scan``), the enclosing loops, and why it
-cannot be captured, if so.
+cannot be captured, if so. Equations of unmodified layers (dense, convolution,
+bias, scale, embedding: ``_recognize``) that read leaves no tag reads become
+records too, carrying the :class:`~ntklayers._core._recognize.Recognized`
+descriptor the replay needs.
 
 :func:`outside` answers the coverage question: which parameter leaves the output
 depends on other than through the direct parameter use of the captured calls
@@ -25,8 +28,11 @@ import jax
 
 from ntklayers._core import _checks
 from ntklayers._core import _jax_compat
+from ntklayers._core import _views
+from ntklayers._core._recognize import Recognized, recognize
 from ntklayers._core._rule import get_rule
 from ntklayers._core._session import TAG, Session
+from ntklayers._core._views import ParamView
 
 # Skip reason of annotated layers without parameters (nothing to fall back).
 NO_PARAMS = "it owns no parameters"
@@ -51,6 +57,10 @@ class CallRecord:
     stack: positions (in ``loops``) of the loops that slice the parameters: the
       call reads slice ``[i_a, i_b, ...]`` of each leaf at steps ``i``; the other
       loops reuse the same parameters at every step (weight sharing).
+    recognized: for an equation of an unmodified layer, how its canonical primal
+      and output relate to the equation (``None`` for a tag).
+    signature: for a recognized call, how it reads its leaf (calls that read one
+      leaf differently cannot share cross terms).
   """
 
   name: str
@@ -63,6 +73,8 @@ class CallRecord:
   path: Path = ()
   loops: tuple[int, ...] = ()
   stack: tuple[int, ...] = ()
+  recognized: Recognized | None = None
+  signature: Any = None
 
   @property
   def steps(self) -> int:
@@ -94,8 +106,23 @@ class Traced:
   coupled: tuple[str, ...]
 
 
-def discover(f: Callable, params: Any, x: Any, interceptors: tuple) -> Traced:
-  """Traces ``f(params, x)`` with every interceptor active and finds its tags."""
+def leaf_names(params: Any) -> list[str]:
+  """Module-level names of the leaves: the leaf path without its last key (and
+  without the ``.value`` of a variable node such as NNX's ``Param``)."""
+  names = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = list(path)
+    if len(keys) > 1 and getattr(keys[-1], "name", None) == "value":
+      keys = keys[:-1]
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keys]
+    names.append("/".join(parts[:-1]))
+  return names
+
+
+def discover(f: Callable, params: Any, x: Any, interceptors: tuple,
+             recognize_layers: bool = True) -> Traced:
+  """Traces ``f(params, x)`` with every interceptor active and finds its tags and,
+  with ``recognize_layers``, the equations of unmodified layers."""
   n = _checks.batch_size(x)
   session = Session(interceptors)
 
@@ -110,45 +137,89 @@ def discover(f: Callable, params: Any, x: Any, interceptors: tuple) -> Traced:
     raise
   _checks.check_output(out, n, x)
   n_params = len(jax.tree.leaves(params))
-  prov = {v: (i, ()) for i, v in enumerate(closed.jaxpr.invars[:n_params])}
-  records: list[CallRecord] = []
-  _walk(closed.jaxpr, prov, (), (), None, records, n)
-  return Traced(closed, n_params, tuple(out.shape), out.dtype, tuple(records),
+  envs: dict = {}
+  if recognize_layers:
+    n_x = len(closed.jaxpr.invars) - n_params
+    _views.annotate(closed.jaxpr, [frozenset()] * n_params + [0] * n_x, envs)
+  prov = {v: _views.leaf_view(i, (), v) for i, v in enumerate(closed.jaxpr.invars[:n_params])}
+  walk = _Walk(n, envs, leaf_names(params) if recognize_layers else [])
+  walk.run(closed.jaxpr, prov, (), (), None)
+  return Traced(closed, n_params, tuple(out.shape), out.dtype, walk.records(),
                 tuple(session.coupled))
 
 
-def _walk(jaxpr, prov: dict, path: Path, loops: tuple[int, ...], blocked: str | None,
-          records: list, n: int) -> None:
-  """Appends a record per tag of ``jaxpr``; ``prov`` maps variables that are
-  parameter leaves (or scan slices of them) to ``(leaf, slicing loops)``."""
-  for k, eqn in enumerate(jaxpr.eqns):
-    here = path + (k,)
-    name = eqn.primitive.name
-    if eqn.primitive is TAG:
-      records.append(_record(eqn, prov, here, loops, blocked, n))
-    elif blocked is None and name == _jax_compat.SCAN:
-      sp = _jax_compat.scan_params(eqn)
-      nc, ncar = sp["num_consts"], sp["num_carry"]
-      inner_jaxpr, _ = _jax_compat.body(eqn)
-      inner = {}
-      for i, (v, bv) in enumerate(zip(eqn.invars, inner_jaxpr.invars)):
-        pv = _lookup(prov, v)
-        if pv is None or nc <= i < nc + ncar:
-          continue  # a loop carry is not a parameter, even if it starts as one
-        inner[bv] = pv if i < nc else (pv[0], pv[1] + (len(loops),))
-      _walk(inner_jaxpr, inner, here, loops + (sp["length"],), None, records, n)
-    elif blocked is None and (name in _jax_compat.REMAT or name in _jax_compat.CALLS):
-      inner_jaxpr, _ = _jax_compat.body(eqn)
-      inner = {bv: _lookup(prov, v) for v, bv in zip(eqn.invars, inner_jaxpr.invars)
-               if _lookup(prov, v) is not None}
-      _walk(inner_jaxpr, inner, here, loops, None, records, n)
-    elif _jax_compat.has_body(eqn):
-      reason = blocked or f"it runs inside a `{name}` of the model, which is not structured"
-      for j, sub in enumerate(_jax_compat.nested(eqn)):
-        _walk(sub, {}, here + (-1 - j,), loops, reason, records, n)
+class _Walk:
+  """One walk over the program: records of tags and of recognized equations."""
+
+  def __init__(self, n: int, envs: dict, names: list[str]):
+    self.n, self.envs, self.names = n, envs, names
+    self.found: list[CallRecord] = []
+    self.tag_leaves: set[int] = set()
+
+  def records(self) -> tuple[CallRecord, ...]:
+    """Tags, and recognized calls on leaves that no tag reads (drop-ins win)."""
+    return tuple(r for r in self.found
+                 if r.recognized is None or r.leaves[0][1] not in self.tag_leaves)
+
+  def run(self, jaxpr, prov: dict, path: Path, loops: tuple[int, ...],
+          blocked: str | None) -> None:
+    """``prov`` maps the variables that are parameter views to their views."""
+    env = self.envs.get(path, {})
+    for k, eqn in enumerate(jaxpr.eqns):
+      here = path + (k,)
+      name = eqn.primitive.name
+      if eqn.primitive is TAG:
+        self.found.append(_record(eqn, prov, here, loops, blocked, self.n))
+        meta = eqn.params["meta"]
+        for v in eqn.invars[2:2 + len(meta.roles)]:
+          pv = _lookup(prov, v)
+          if pv is not None:
+            self.tag_leaves.add(pv.leaf)
+      elif blocked is None and name == _jax_compat.SCAN:
+        sp = _jax_compat.scan_params(eqn)
+        nc, ncar = sp["num_consts"], sp["num_carry"]
+        inner_jaxpr, _ = _jax_compat.body(eqn)
+        inner = {}
+        for i, (v, bv) in enumerate(zip(eqn.invars, inner_jaxpr.invars)):
+          pv = _lookup(prov, v)
+          if pv is None or nc <= i < nc + ncar:
+            continue  # a loop carry is not a parameter, even if it starts as one
+          if i < nc:
+            inner[bv] = pv
+          elif pv.is_leaf:  # a stacked leaf: one slice per step
+            inner[bv] = _views.leaf_view(pv.leaf, pv.stack + (len(loops),), bv)
+        self.run(inner_jaxpr, inner, here, loops + (sp["length"],), None)
+      elif blocked is None and (name in _jax_compat.REMAT or name in _jax_compat.CALLS):
+        inner_jaxpr, _ = _jax_compat.body(eqn)
+        looked = {bv: _lookup(prov, v) for v, bv in zip(eqn.invars, inner_jaxpr.invars)}
+        inner = {bv: pv for bv, pv in looked.items() if pv is not None}
+        self.run(inner_jaxpr, inner, here, loops, None)
+      elif _jax_compat.has_body(eqn):
+        reason = blocked or f"it runs inside a `{name}` of the model, which is not structured"
+        for j, sub in enumerate(_jax_compat.nested(eqn)):
+          self.run(sub, {}, here + (-1 - j,), loops, reason)
+      elif blocked is None:
+        views = [_lookup(prov, v) for v in eqn.invars]
+        if name in _views.LAYOUT and len(views) == 1 and views[0] is not None:
+          out = _views.propagate(eqn, views[0])
+          if out is not None:
+            prov[eqn.outvars[0]] = out
+        elif self.names and any(v is not None for v in views):
+          anns = [frozenset(range(len(getattr(v.aval, "shape", ()))))
+                  if isinstance(v, _jax_compat.Literal) else env.get(v) for v in eqn.invars]
+          found = recognize(eqn, views, anns, self.n)
+          if found is not None:
+            self.found.append(self._recognized(found, here, loops))
+
+  def _recognized(self, found: Any, path: Path, loops: tuple[int, ...]) -> CallRecord:
+    rule = get_rule(found.kind)
+    skip = None if rule is None else rule.unsupported(found.config, found.primal[0])
+    return CallRecord(self.names[found.view.leaf] or "params", found.kind, found.config,
+                      ((found.role, found.view.leaf),), found.primal, found.out, skip,
+                      path, loops, found.view.stack, found.recognized, found.signature)
 
 
-def _lookup(prov: dict, v: Any):
+def _lookup(prov: dict, v: Any) -> ParamView | None:
   return None if isinstance(v, _jax_compat.Literal) else prov.get(v)
 
 
@@ -182,11 +253,11 @@ def _skip_reason(meta, primal_shape, out_shape, param_vs, prov, blocked, n):
     if role not in rule.roles:
       continue
     pv = _lookup(prov, v)
-    if pv is None:
+    if pv is None or not pv.is_leaf:
       return (f"its parameter {role!r} is not a leaf of `params` (transformed before "
               f"use, e.g. by a custom getter or mixed precision, or carried by a loop)"), (), ()
-    leaves.append((role, pv[0]))
-    stacks.add(pv[1])
+    leaves.append((role, pv.leaf))
+    stacks.add(pv.stack)
   if not leaves:
     return NO_PARAMS, (), ()
   if len(stacks) != 1:
@@ -215,20 +286,23 @@ def outside(traced: Traced, captured: frozenset[Path]) -> frozenset[int]:
   parameter use of the ``captured`` tags (by their paths).
 
   A captured tag's output counts as depending on the tag's primal and inputs
-  only; every other equation's outputs depend on all of its inputs, except that
-  ``scan``, ``remat`` and ``jit`` bodies are followed (loop carries to a fixed
-  point). The answer may over-approximate, never miss, a dependency.
+  only, a captured recognized equation's on its data operand only; every other
+  equation's outputs depend on all of its inputs, except that ``scan``,
+  ``remat`` and ``jit`` bodies are followed (loop carries to a fixed point). The
+  answer may over-approximate, never miss, a dependency.
   """
   jaxpr = traced.jaxpr.jaxpr
   taint = [1 << i for i in range(traced.n_params)]
   taint += [0] * (len(jaxpr.invars) - traced.n_params)
+  param_at = {r.path: r.recognized.param for r in traced.records if r.recognized is not None}
+  at = {path: param_at.get(path) for path in captured}
   mask = 0
-  for t in _taint(jaxpr, taint, captured, ()):
+  for t in _taint(jaxpr, taint, at, ()):
     mask |= t
   return frozenset(i for i in range(traced.n_params) if mask >> i & 1)
 
 
-def _taint(jaxpr, in_taint: list[int], captured, path: Path) -> list[int]:
+def _taint(jaxpr, in_taint: list[int], captured: dict, path: Path) -> list[int]:
   env = dict(zip(jaxpr.invars, in_taint))
 
   def read(v):
@@ -242,6 +316,8 @@ def _taint(jaxpr, in_taint: list[int], captured, path: Path) -> list[int]:
       n_roles = len(eqn.params["meta"].roles)
       kept = t_in[1:2] + t_in[2 + n_roles:] if here in captured else t_in
       outs = [_union(kept)]
+    elif captured.get(here) is not None:  # a captured recognized equation
+      outs = [_union([t for i, t in enumerate(t_in) if i != captured[here]])]
     elif name == _jax_compat.SCAN:
       sp = _jax_compat.scan_params(eqn)
       nc, ncar = sp["num_consts"], sp["num_carry"]

@@ -22,6 +22,7 @@ import jax
 from ntklayers._core import _checks
 from ntklayers._core._capture import capture_with, prepare
 from ntklayers._core._contract import all_finite, contract_unchecked, report_nonfinite
+from ntklayers._core._inspect import Inspection, inspect_model, slow_route_message
 from ntklayers._core._nngp import nngp, normalize_get, pack
 from ntklayers._core._options import Options, StaticKwargs, split_kwargs
 from ntklayers._core._plan import collecting_notes, emit_note
@@ -55,6 +56,15 @@ class KernelFunction:
                             x1, x2, dynamic)
     self.fallback = tuple(dict.fromkeys(self.fallback + result.fallback))
     return checked(result, self._warned)
+
+  def inspect(self, model: Any, x1: Any, x2: Any = None, **model_kwargs: Any) -> Inspection:
+    """How each parameter group of ``self(model, x1, x2, **model_kwargs)`` would be
+    handled (route, reason, estimated FLOPs and memory), computed abstractly:
+    the model is traced, nothing is evaluated. ``print`` the result for a table."""
+    key, params, rest = self._split(model)
+    _checks.check_pair(x1, x2)
+    return inspect_model(self._build(key, rest, model_kwargs), params, x1, x2,
+                         self._options)
 
 
 def make_kernel_fn(build: Build, split: Split, options: Options, doc: str,
@@ -157,6 +167,10 @@ def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options,
   if "ntk" in names:
     with collecting_notes() as notes:
       setup = prepare(f, params, xs, options)
+    slow = (slow_route_message(setup, params)
+            if options.implementation in ("auto", "structured") else None)
+    if slow is not None:
+      notes.append((None, None, slow))
     c1 = capture_with(setup, params, x1)
     c2 = None if x2 is None else capture_with(setup, params, x2)
     values["ntk"] = contract_unchecked(c1, c2, options)

@@ -18,6 +18,7 @@ import numpy as np
 from jax import lax
 
 IMPLEMENTATIONS = ("auto", "structured", "ntk_vp", "jacobian")
+STRUCTURES = ("auto", "annotated")
 PRECISIONS = ("highest", "high", "default")
 
 
@@ -91,6 +92,9 @@ class Options:
     precision: matrix-product precision of the contractions: ``"highest"``
       (default: float32 products in full float32 on accelerators), ``"high"`` or
       ``"default"`` (faster on TPUs and GPUs with TF32, less exact).
+    structure: where structured layers come from: ``"auto"`` (drop-ins, and the
+      dense, convolution, bias, scale and embedding equations recognized in the
+      traced program) or ``"annotated"`` (drop-ins only, to compare).
   """
 
   trace_axes: tuple[int, ...] = ()
@@ -100,17 +104,21 @@ class Options:
   trainable: Static = Static(None)
   independent_samples: bool | None = None
   precision: str = "highest"
+  structure: str = "auto"
 
   @classmethod
   def create(cls, *, trace_axes: int | Sequence[int] = (),
              diagonal_axes: int | Sequence[int] = (), implementation: str = "auto",
              layerwise: bool = False, trainable: Any = None,
              independent_samples: bool | None = None,
-             precision: str | lax.Precision = "highest") -> "Options":
+             precision: str | lax.Precision = "highest",
+             structure: str = "auto") -> "Options":
     """Checks every option (clear errors naming the argument) and freezes them."""
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(
           f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+    if structure not in STRUCTURES:
+      raise ValueError(f"`structure` must be one of {STRUCTURES}, got {structure!r}.")
     if not isinstance(layerwise, bool):
       raise TypeError(f"`layerwise` must be a bool, got {layerwise!r}.")
     if independent_samples not in (None, True, False) or isinstance(
@@ -127,7 +135,7 @@ class Options:
           f"An axis cannot be both traced and diagonal: trace_axes={trace}, "
           f"diagonal_axes={diag} share {both}.")
     return cls(trace, diag, implementation, layerwise, Static(trainable),
-               independent_samples, _precision(precision))
+               independent_samples, _precision(precision), structure)
 
   @property
   def diagonal_batch(self) -> bool:

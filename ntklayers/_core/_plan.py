@@ -17,13 +17,13 @@ from typing import Any
 import jax
 
 from ntklayers._core import _jax_compat
-from ntklayers._core._discovery import NO_PARAMS, CallRecord
+from ntklayers._core._discovery import NO_PARAMS, CallRecord, leaf_names
 from ntklayers._core._ops import Op
 from ntklayers._core._options import check_mask_values
-from ntklayers._core._rule import get_rule, rule_of
+from ntklayers._core._rule import rule_of
 
 # A fallback note: (layer name, parameter role or None, reason).
-Note = tuple[str, "str | None", str]
+Note = tuple["str | None", "str | None", str]
 
 _NOTES: contextvars.ContextVar["list[Note] | None"] = contextvars.ContextVar(
     "ntklayers_notes", default=None)
@@ -55,9 +55,17 @@ def warn_once(name: str, reason: str, role: str | None = None) -> None:
     notes.append(note)
 
 
+class SlowRouteWarning(UserWarning):
+  """Most of a model's parameters are on the exact generic fallback (slow)."""
+
+
 def emit_note(note: Note, stacklevel: int = 3) -> None:
-  """Warns (``UserWarning``) that a layer's parameters use the exact fallback."""
+  """Warns (``UserWarning``) that a layer's parameters use the exact fallback;
+  a note without a layer name is the model-wide :class:`SlowRouteWarning`."""
   name, role, reason = note
+  if name is None:
+    warnings.warn(f"ntklayers: {reason}", SlowRouteWarning, stacklevel=stacklevel)
+    return
   subject = f"layer {name!r}" if role is None else f"parameter {role!r} of layer {name!r}"
   warnings.warn(
       f"ntklayers: {subject} is handled by the exact generic fallback because "
@@ -87,15 +95,6 @@ class Plan:
   groups: tuple[Group, ...]
   fallback: tuple[FallbackGroup, ...]
   coupled: bool
-
-
-def leaf_names(params: Any) -> list[str]:
-  """Module-level names of the leaves: the leaf path without its last key."""
-  names = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    names.append("/".join(parts[:-1]))
-  return names
 
 
 def leaf_paths(params: Any) -> list[str]:
@@ -173,7 +172,7 @@ def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool
     reason = None
     if any(set(key[0]) & set(other[0]) for other in by_leaves if other != key):
       reason = "its parameters are shared with another layer of different structure"
-    elif len({(recs[c].kind, recs[c].leaves) for c in calls}) != 1:
+    elif len({_structure(recs[c]) for c in calls}) != 1:
       reason = "its calls disagree in structure"
     if reason is not None:
       for c in calls:
@@ -205,6 +204,15 @@ def make_plan(records: tuple[CallRecord, ...], params: Any, trainable: list[bool
   return Plan(tuple(recs), tuple(groups), fallback, coupled)
 
 
+def _structure(record: CallRecord) -> tuple:
+  """What calls sharing parameters must agree on: the rule and the leaves read, and
+  for recognized calls how they read them (a leaf read as ``x @ W`` by one call and
+  ``x @ W.T`` by another has no consistent cross terms)."""
+  if record.recognized is None:
+    return (record.kind, record.leaves)
+  return (record.kind, record.leaves, record.signature, record.config)
+
+
 def captured_calls(plan: Plan) -> frozenset[int]:
   """Indices of the calls whose factors the plan captures."""
   return frozenset(c for g in plan.groups for c in g.calls)
@@ -230,14 +238,3 @@ def _check_coverage(groups, fallback, trainable, names) -> None:
     raise RuntimeError(
         f"ntklayers coverage check failed: counted twice {twice}, missing "
         f"{missing}. Please report this with the model.")
-
-
-def forward_flops(records: tuple[CallRecord, ...], params: Any) -> float:
-  """Rough forward FLOPs per example (for choosing fallback routes)."""
-  total = 2.0 * sum(leaf.size for leaf in jax.tree.leaves(params))
-  for r in records:
-    rule = get_rule(r.kind)
-    if rule is not None and r.skip is None:
-      total += r.steps * rule.flops(r.config, r.primal[0], r.out[0])
-  return total
-

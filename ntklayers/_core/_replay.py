@@ -46,11 +46,21 @@ def replay(traced: Traced, params: Any, x: Any, perts: dict[Path, jax.Array]):
   args = jax.tree.leaves(params) + jax.tree.leaves(x)
   closed = traced.jaxpr
   prefixes = frozenset(p[:i] for p in perts for i in range(1, len(p)))
-  outs, primals = _eval(closed.jaxpr, list(closed.consts), args, (), perts, prefixes)
+  recognized = {r.path: r.recognized for r in traced.records if r.recognized is not None}
+  outs, primals = _eval(closed.jaxpr, list(closed.consts), args, (), perts,
+                        _Where(prefixes, recognized))
   return outs[0], primals
 
 
-def _eval(jaxpr, consts, args, path, perts, prefixes):
+class _Where:
+  """What the replay needs to know about the program: the containers of perturbed
+  calls (``prefixes``) and the recognized equations (path -> descriptor)."""
+
+  def __init__(self, prefixes: frozenset, recognized: dict):
+    self.prefixes, self.recognized = prefixes, recognized
+
+
+def _eval(jaxpr, consts, args, path, perts, where):
   env: dict[Any, Any] = {}
   for v, a in zip(jaxpr.constvars, consts):
     env[v] = a
@@ -70,20 +80,25 @@ def _eval(jaxpr, consts, args, path, perts, prefixes):
       if here in perts:
         outs = [invals[0] + perts[here]]
         primals[here] = invals[1]
-    elif here not in prefixes:
+    elif here in perts:  # a recognized equation: perturbed in its own layout
+      view = where.recognized[here]
+      outs = _jax_compat.eval_eqn(eqn, invals)
+      outs = [outs[0] + view.to_eqn(perts[here]).astype(outs[0].dtype)]
+      primals[here] = view.primal(invals)
+    elif here not in where.prefixes:
       outs = _jax_compat.eval_eqn(eqn, invals)
     else:
       inner = {p: a for p, a in perts.items() if p[:len(here)] == here}
       body, body_consts = _jax_compat.body(eqn)
       if name == _jax_compat.SCAN:
-        outs, found = _scan(eqn, body, body_consts, invals, here, inner, prefixes)
+        outs, found = _scan(eqn, body, body_consts, invals, here, inner, where)
       elif name in _jax_compat.REMAT:
         def run(args, inner, body=body, body_consts=body_consts, here=here):
-          return _eval(body, body_consts, list(args), here, inner, prefixes)
+          return _eval(body, body_consts, list(args), here, inner, where)
         outs, found = jax.checkpoint(run, **_jax_compat.remat_params(eqn))(
             tuple(invals), inner)
       else:  # a call (jit): inlined
-        outs, found = _eval(body, body_consts, invals, here, inner, prefixes)
+        outs, found = _eval(body, body_consts, invals, here, inner, where)
       primals.update(found)
     for v, val in zip(eqn.outvars, outs):
       if not _jax_compat.is_drop(v):
@@ -91,7 +106,7 @@ def _eval(jaxpr, consts, args, path, perts, prefixes):
   return [read(v) for v in jaxpr.outvars], primals
 
 
-def _scan(eqn, body, body_consts, invals, here, inner, prefixes):
+def _scan(eqn, body, body_consts, invals, here, inner, where):
   sp = _jax_compat.scan_params(eqn)
   nc, ncar = sp["num_consts"], sp["num_carry"]
   consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
@@ -99,7 +114,7 @@ def _scan(eqn, body, body_consts, invals, here, inner, prefixes):
   def step(carry, slices):
     x_slice, p_slice = slices
     outs, found = _eval(body, body_consts, consts + list(carry) + list(x_slice), here,
-                        p_slice, prefixes)
+                        p_slice, where)
     return tuple(outs[:ncar]), (tuple(outs[ncar:]), found)
 
   carry, (ys, found) = lax.scan(step, tuple(init), (tuple(xs), inner),

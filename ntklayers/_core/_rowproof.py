@@ -228,7 +228,7 @@ def _cond_rule(eqn, anns, twin, pair):
   return outs
 
 
-def _batch_rule(eqn, anns, shapes, out_shapes, twin=None, pair=None):
+def batch_rule(eqn, anns, shapes, out_shapes, twin=None, pair=None):
   """Output annotations: ``int`` batch axis, or ``frozenset`` of constant axes."""
   name = eqn.primitive.name
   p = eqn.params
@@ -314,7 +314,7 @@ def analyze(jaxpr, in_anns, twin=None, pair: Twin | None = None):
     out_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars]
     if pair is not None:
       pair.before(eqn, t, anns)
-    outs = _batch_rule(eqn, anns, shapes, out_shapes, t, pair)
+    outs = batch_rule(eqn, anns, shapes, out_shapes, t, pair)
     for v, a in zip(eqn.outvars, outs):
       write(v, a)
     if pair is not None:

@@ -29,21 +29,27 @@ class DenseConfig:
   """``y = x @ w (+ b)`` contracting the trailing ``in_axes`` axes of ``x`` into
   the trailing ``out_axes`` axes of ``y``; the axes between the batch and the
   features share ``w`` (sequence positions, heads of a ``DenseGeneral``, ...).
+
+  With ``group_axes``, the ``group_axes`` axes just before the features index
+  independent weights: ``x [M, *T, *G, *I]``, ``w [*G, *I, *J]``,
+  ``y [M, *T, *G, *J]`` (a batched ``dot_general``, e.g. per-head projections).
   """
 
   in_axes: int = 1
   out_axes: int = 1
+  group_axes: int = 0
 
 
 def _dense_canonicalize(cfg: DenseConfig, x, g):
   m = x.shape[0]
   i = math.prod(x.shape[x.ndim - cfg.in_axes:])
   j = math.prod(g.shape[g.ndim - cfg.out_axes:])
-  return x.reshape(m, -1, 1, i), g.reshape(g.shape[0], m, -1, 1, j)
+  gs = math.prod(x.shape[x.ndim - cfg.in_axes - cfg.group_axes:x.ndim - cfg.in_axes])
+  return x.reshape(m, -1, gs, i), g.reshape(g.shape[0], m, -1, gs, j)
 
 
 def _dense_unsupported(cfg: DenseConfig, x_shape) -> str | None:
-  if len(x_shape) < cfg.in_axes + 1:
+  if len(x_shape) < cfg.in_axes + cfg.group_axes + 1:
     return f"its input of shape {x_shape} has no batch axis"
   return None
 
@@ -170,10 +176,30 @@ def _scale_flops(cfg, x_shape, y_shape) -> float:
   return 4.0 * math.prod(x_shape[1:])
 
 
+def _bias_canonicalize(cfg: ScaleConfig, x, g):
+  """A shared offset reads only the cotangents (``x`` is a token ``[M]``):
+  ``g [B, M, ...] -> [B, M, T, C]``, and zeros ``x [M, T, C]`` in the scale
+  layout (never read: the op's Jacobian of the offset alone ignores ``x``)."""
+  del x
+  nd = g.ndim - 1
+  rest = [a for a in range(1, nd) if a not in cfg.param_axes]
+  perm = [0, *rest, *cfg.param_axes]
+  m = g.shape[1]
+  c = math.prod(g.shape[1 + a] for a in cfg.param_axes)
+  gc = jnp.transpose(g, [0] + [a + 1 for a in perm]).reshape(g.shape[0], m, -1, c)
+  return jnp.broadcast_to(jnp.zeros((), g.dtype), gc.shape[1:]), gc
+
+
+def _bias_flops(cfg, x_shape, y_shape) -> float:
+  return float(math.prod(y_shape[1:]))
+
+
 def _scale_on_vmap(cfg: ScaleConfig) -> ScaleConfig:
   return ScaleConfig(tuple(a + 1 for a in cfg.param_axes))  # absolute axes shift
 
 
 register_rule("scale", Rule(SCALE, _scale_canonicalize, _scale_unsupported, _scale_flops,
                             on_vmap=_scale_on_vmap))
+# A recognized ``y = a + b`` with ``b`` a broadcast leaf: the scale op's offset alone.
+register_rule("bias", Rule(SCALE, _bias_canonicalize, _scale_unsupported, _bias_flops))
 

@@ -53,7 +53,7 @@ def why_not_tileable(f: Callable, params: Any, x: Any, b: int) -> str | None:
 def coupled_layers(f: Callable, params: Any, x: Any) -> str | None:
   """Layers that declare their examples coupled (BatchNorm with batch statistics)."""
   try:
-    coupled = _core.discover(f, params, x, _core.interceptors()).coupled
+    coupled = _core.discover(f, params, x, _core.interceptors(), recognize_layers=False).coupled
   except Exception:  # pylint: disable=broad-except  # only for the message
     return None
   if not coupled:

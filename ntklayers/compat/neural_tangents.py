@@ -190,7 +190,7 @@ def empirical_ntk_vp_fn(f: Callable[..., Any], x1: Any, x2: Any, params: Any,
   """Returns ``ntk_vp_fn(cotangents)``: ``J(x1) J(x2)^T cotangents`` without the NTK.
 
   One VJP of ``f`` on ``x2`` and one JVP on ``x1`` (neural-tangents'
-  ``empirical_ntk_vp_fn``); ``ntklayers.ntk_matvec`` is the blocked, multi-device
+  ``empirical_ntk_vp_fn``); ``ntklayers.metrics.ntk_matvec`` is the blocked, multi-device
   form for ``x1 = x2``.
 
   Args:

@@ -13,6 +13,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
       "ntklayers.equinox needs equinox: install it with "
       "`pip install 'ntklayers[equinox]'` (or `pip install equinox`).") from e
 
+from ntklayers.equinox._kernel import inspect
 from ntklayers.equinox._kernel import ntk_fn
 
-__all__ = ("ntk_fn",)
+__all__ = ("inspect", "ntk_fn")

@@ -171,3 +171,18 @@ def ntk_fn(*, batched: bool = False, axis_name: Hashable | None = None, **option
       _build, _splitter(batched, axis_name), adapters.Options.create(**options),
       "kernel_fn(model, x1, x2=None, **model_kwargs) -> NTK; see "
       "ntklayers.equinox.ntk_fn.")
+
+
+def inspect(model: Any, x1: Any, x2: Any = None, *, batched: bool = False,
+            axis_name: Hashable | None = None, **options: Any):
+  """:func:`ntklayers.inspect` for an Equinox model: the route of each group of
+  its inexact arrays in ``ntk_fn(**options)(model, x1, x2)``, nothing computed.
+
+  Example:
+    >>> import equinox as eqx, jax, jax.numpy as jnp, ntklayers.equinox
+    >>> mlp = eqx.nn.MLP(3, 2, width_size=8, depth=1, key=jax.random.key(0))
+    >>> info = ntklayers.equinox.inspect(mlp, jnp.ones((4, 3)))
+    >>> {g.route for g in info.groups}
+    {'structured (recognized)'}
+  """
+  return ntk_fn(batched=batched, axis_name=axis_name, **options).inspect(model, x1, x2)

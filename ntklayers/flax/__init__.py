@@ -15,6 +15,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ntklayers.flax import linen
 from ntklayers.flax import nnx
+from ntklayers.flax._linen_kernel import inspect
 from ntklayers.flax._linen_kernel import ntk_fn
 
-__all__ = ("linen", "nnx", "ntk_fn")
+__all__ = ("inspect", "linen", "nnx", "ntk_fn")

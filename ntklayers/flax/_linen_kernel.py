@@ -174,3 +174,23 @@ def linearize(module: nn.Module, variables: Mapping[str, Any], *,
     True
   """
   return taylor_expand(module, variables, 1, method=method, mutable=mutable)
+
+
+def inspect(module: nn.Module, variables: Mapping[str, Any], x1: Any, x2: Any = None, *,
+            method: str | Callable | None = None,
+            mutable: bool | str | Sequence[str] = False, **options: Any):
+  """:func:`ntklayers.inspect` for a linen module: the route of each ``params``
+  group of ``ntk_fn(module, **options)(variables, x1, x2)``, nothing computed.
+
+  For ``apply_kwargs`` use ``ntk_fn(module, **options).inspect(variables, x1, x2,
+  **apply_kwargs)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, ntklayers.flax
+    >>> module = nn.Dense(2)
+    >>> variables = module.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> info = ntklayers.flax.inspect(module, variables, jnp.ones((4, 3)))
+    >>> [g.route for g in info.groups]
+    ['structured (recognized)', 'structured (recognized)']
+  """
+  return ntk_fn(module, method=method, mutable=mutable, **options).inspect(variables, x1, x2)

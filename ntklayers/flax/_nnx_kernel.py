@@ -181,3 +181,18 @@ def linearize(model: nnx.Module) -> Callable[..., Any]:
     True
   """
   return taylor_expand(model, 1)
+
+
+def inspect(model: Any, x1: Any, x2: Any = None, **options: Any):
+  """:func:`ntklayers.inspect` for an NNX model: the route of each ``nnx.Param``
+  group of ``ntk_fn(**options)(model, x1, x2)``, nothing computed.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from ntklayers.flax import nnx as ntk_nnx
+    >>> info = ntk_nnx.inspect(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), jnp.ones((4, 3)))
+    >>> sorted(p for g in info.groups for p in g.paths)
+    ["['bias']", "['kernel']"]
+  """
+  return ntk_fn(**options).inspect(model, x1, x2)

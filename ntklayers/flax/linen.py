@@ -3,6 +3,7 @@
 
 from ntklayers import adapters as _adapters
 from ntklayers.flax._linen_intercept import intercept as _intercept
+from ntklayers.flax._linen_kernel import inspect
 from ntklayers.flax._linen_kernel import linearize
 from ntklayers.flax._linen_kernel import ntk_fn
 from ntklayers.flax._linen_kernel import taylor_expand
@@ -30,6 +31,7 @@ __all__ = (
     "MultiHeadAttention",
     "MultiHeadDotProductAttention",
     "RMSNorm",
+    "inspect",
     "linearize",
     "ntk_fn",
     "taylor_expand",

@@ -2,6 +2,7 @@
 ``linearize`` / ``taylor_expand`` of NNX models (in their ``nnx.Param`` state)."""
 
 from ntklayers import adapters as _adapters
+from ntklayers.flax._nnx_kernel import inspect
 from ntklayers.flax._nnx_kernel import linearize
 from ntklayers.flax._nnx_kernel import ntk_fn
 from ntklayers.flax._nnx_kernel import taylor_expand
@@ -28,6 +29,7 @@ __all__ = (
     "LinearGeneral",
     "MultiHeadAttention",
     "RMSNorm",
+    "inspect",
     "linearize",
     "ntk_fn",
     "taylor_expand",

@@ -96,7 +96,8 @@ def _trace(f: Callable, params: Any, x: Any) -> _Model:
     f(p, x)  # the outputs are read at the tags, not from f's return value
     return jnp.zeros((n,), jnp.float32)
 
-  traced = _core.discover(run, params, x, (lambda: hk.intercept_methods(_interceptor),))
+  traced = _core.discover(run, params, x, (lambda: hk.intercept_methods(_interceptor),),
+                          recognize_layers=False)
   paths = [module_path(k) or jax.tree_util.keystr(k)
            for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   last: dict[tuple[int, tuple[int, ...]], _Unit] = {}
