@@ -19,18 +19,23 @@ from ntklayers.cli import _demo as _cli_demo
 _STAGES = {"demo": 6, "bench": 1}
 
 
+
+def _plain(text: str) -> str:
+  """A docstring paragraph for ``--help``: one line, without reST's double backticks."""
+  return " ".join(text.replace("``", "").split())
+
 def build_parser() -> _args.Parser:
   """The argument parser of ``ntklayers`` (three sub-commands)."""
-  parser = _args.Parser(prog=_args.PROG, description=__doc__.split("\n\n")[0])
+  parser = _args.Parser(prog=_args.PROG, description=_plain(__doc__.split("\n\n")[0]))
   from ntklayers import __version__  # pylint: disable=g-import-not-at-top
   parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
   sub = parser.add_subparsers(dest="command", metavar="{demo,bench,nas}", required=True,
                               parser_class=_args.Parser)
   demo = sub.add_parser("demo", help="exact NTK of an MLP on digits, with plots",
-                        description=_cli_demo.__doc__.split("\n\n")[1].replace("\n", " "))
+                        description=_plain(_cli_demo.__doc__.split("\n\n")[1]))
   _cli_demo.add_arguments(demo)
   bench = sub.add_parser("bench", help="time auto, ntk_vp and jacobian on a built-in model",
-                         description=_cli_bench.__doc__.split("\n\n")[0])
+                         description=_plain(_cli_bench.__doc__.split("\n\n")[0]))
   _cli_bench.add_arguments(bench)
   nas = sub.add_parser("nas", help="NTK scores vs trained accuracy on digits (NAS)",
                        description="Scores a space of MLPs and CNNs at init, trains each "
