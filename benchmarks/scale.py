@@ -113,7 +113,7 @@ def run_one(setting: str, mode: str, n: int, max_memory: str | None) -> dict:
       tiles = math.ceil(n / b)
       entries = tiles * (tiles + 1) // 2 * b * b
       kernel_fn = ntklayers.ntk_fn(f)
-      x1, x2 = x[:b], x[b:2 * b]  # an off-diagonal block, unblocked
+      x1, x2 = x[:b], x[-b:]  # an off-diagonal block (x2 given: all b x b), unblocked
       kernel_fn(params, x1, x2).block_until_ready()
       reps = []
       for _ in range(3):
@@ -137,11 +137,12 @@ def _block_size(f, params, x, max_memory) -> int:
   from ntklayers._core._options import Options, split_kwargs  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   dyn, static = split_kwargs({})
-  req = E.Request(f, Options.create(), static, E.make_mesh(), True)
+  n = x.shape[0]
+  rest = tuple(f(params, x[:1]).shape[1:])
+  o2 = int(np.prod(rest)) ** 2
+  req = E.Request(f, Options.create(), static, E.make_mesh(), True, rest=rest, batch=n)
   budget = (_budget.default_budget(jax.devices()[0]) if max_memory is None
             else _budget.parse_memory(max_memory))
-  n = x.shape[0]
-  o2 = int(np.prod(f(params, x[:1]).shape[1:])) ** 2
   progs = BP.plan(req, params, x, None, dyn, block_size=None, budget=budget, kind=T.UPPER,
                   output_bytes=n * n * o2 * 4, block_bytes=lambda b: b * b * o2 * 4,
                   out_given=False)
@@ -220,7 +221,9 @@ def _rows(args: argparse.Namespace) -> None:
       cmd = [sys.executable, __file__, "--one", json.dumps([setting, mode, n, mem])]
       proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
       if proc.returncode:
-        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        lines = [ln for ln in proc.stderr.strip().splitlines()  # not JAX's traceback note
+                 if ln.strip() and not ln.startswith(("For simplicity", "-" * 20))]
+        err = (lines or ["?"])[-1]
         rows.append({"setting": setting, "mode": mode, "n": n, "error": err[:120]})
       else:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
