@@ -105,3 +105,41 @@ def test_inspect_rejects_bad_inputs_like_the_kernel():
   f, params, x = _net(dropin=False)
   with pytest.raises(ValueError, match="x2"):
     ntklayers.inspect(f, params, x, jnp.ones((2, 5, 5, 3)))
+
+
+def test_widening_cast_of_a_parameter_is_recognized_and_exact():
+  """float32 parameters in a float64 computation (Flax's promote_dtype casts them):
+  the cast is exact, so the layer stays structured, and the kernel is the float64
+  parameters' kernel to float64 rounding; a narrowing cast is not a view."""
+  w32 = jax.random.normal(jax.random.key(0), (3, 4), jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
+
+  def f(p, x):
+    return jnp.tanh(x @ p["w"].astype(jnp.float64)) @ jnp.ones((4, 2), jnp.float64)
+
+  kernel_fn = ntklayers.ntk_fn(f)
+  info = kernel_fn.inspect({"w": w32}, x)
+  assert [g.route for g in info.groups] == ["structured (recognized)"], str(info)
+  ref = reference_ntk(f, {"w": w32.astype(jnp.float64)}, x, None)
+  assert_rel_close(kernel_fn({"w": w32}, x), ref, TOL64)
+
+  def narrowing(p, x):
+    w = p["w"].astype(jnp.float32).astype(jnp.float64)  # rounds: not a view
+    return jnp.tanh(x @ w) @ jnp.ones((4, 2), jnp.float64)
+
+  info = ntklayers.inspect(narrowing, {"w": w32.astype(jnp.float64)}, x)
+  assert [g.route for g in info.groups][0].startswith("fallback"), str(info)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "jacobian", "structured"])
+def test_fallback_jacobians_of_a_model_that_cannot_run_per_example(implementation):
+  """A model that reshapes by its batch size cannot run on one example: the
+  fallback's Jacobians are then the whole batch's (exact), not per example."""
+  w = jax.random.normal(jax.random.key(0), (4, 2), jnp.float64)
+  x = jax.random.normal(jax.random.key(1), (3, 4), jnp.float64)
+
+  def f(p, x):
+    return jnp.tanh(x @ jnp.sin(p["w"])).reshape(3, -1)  # the batch size, hard-coded
+
+  k = ntklayers.ntk_fn(f, implementation=implementation)({"w": w}, x)
+  assert_rel_close(k, reference_ntk(f, {"w": w}, x, None), TOL64)

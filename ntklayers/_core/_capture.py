@@ -50,6 +50,9 @@ class Setup:
       capture in the same computation (not compared, not hashed).
     interceptors: the adapters' interceptors active while tracing.
     recognize: whether equations of unmodified layers were recognized.
+    per_example: whether the fallback's Jacobians may be taken one example at a
+      time (``f`` runs on one example with the same output shape); otherwise they
+      are Jacobians of the whole batch (a model that reshapes by its batch size).
   """
 
   f: Callable
@@ -63,11 +66,12 @@ class Setup:
   traced: tuple[Traced, ...] = dataclasses.field(default=(), compare=False, repr=False)
   interceptors: tuple = dataclasses.field(default=(), compare=False, repr=False)
   recognize: bool = True
+  per_example: bool = True
 
   def signature(self) -> tuple:
     """What two caches must share to be contracted together."""
     return (self.f, self.plan.groups, self.plan.fallback, self.out_rest, self.plan.coupled,
-            self.method)
+            self.method, self.per_example)
 
 
 @jax.tree_util.register_dataclass
@@ -191,11 +195,23 @@ def prepare(f: Callable, params: Any, xs: tuple, options: Options) -> Setup:
   # unnecessary; per-example fallback Jacobians are still checked (their
   # one-example programs are other programs than the batch's).
   check_layers = bool(plan.groups) and not proven
-  check_jacobians = method == "jacobian" and bool(plan.fallback)
+  per_example = (method != "jacobian" or not plan.fallback or coupled
+                 or _runs_per_example(f, params, xs[0], out_shape))
+  check_jacobians = method == "jacobian" and bool(plan.fallback) and per_example
   if mode == _replay.CHECKED and not (check_layers or check_jacobians):
     mode = _replay.INDEPENDENT  # proven, or whole-batch NTK-vector products only
   return Setup(f, plan, out_shape[1:], out_dtype, mode, method, check_layers, proven,
-               traced, hooks, recognize)
+               traced, hooks, recognize, per_example)
+
+
+def _runs_per_example(f: Callable, params: Any, x: Any, out_shape: tuple[int, ...]) -> bool:
+  """Whether ``f`` runs on the first example alone, with the same trailing output
+  shape (abstractly, nothing computed)."""
+  try:
+    out = jax.eval_shape(lambda p, x: f(p, jax.tree.map(lambda a: a[:1], x)), params, x)
+  except Exception:  # pylint: disable=broad-except  (any failure: not per example)
+    return False
+  return tuple(getattr(out, "shape", ())) == (1, *out_shape[1:])
 
 
 def prove_rows(setup: Setup, params: Any, xs: tuple) -> bool:
@@ -269,8 +285,9 @@ def capture_with(setup: Setup, params: Any, x: Any) -> Factors:
   fb_leaves = tuple(i for g in plan.fallback for i in g.leaves)
   fb_jac: tuple = ()
   if fb_leaves and setup.method == "jacobian":
-    fb_jac = tuple(jacobians(setup.f, params, x, fb_leaves, not coupled, n_out))
-    if mode == _replay.CHECKED:
+    per_example = setup.per_example and not coupled
+    fb_jac = tuple(jacobians(setup.f, params, x, fb_leaves, per_example, n_out))
+    if mode == _replay.CHECKED and per_example:
       verified = verified & check_jacobians(setup.f, params, x, fb_leaves, fb_jac,
                                             (n, *setup.out_rest), setup.out_dtype)
   return Factors(layers, fb_jac, params, x, verified, setup, n)

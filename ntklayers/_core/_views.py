@@ -5,7 +5,7 @@ Two facts per value, computed from the program alone (never from values):
 * **Parameter views** (:class:`ParamView`): a value that *is* a leaf of
   ``params`` (or a scan's per-step slice of one), possibly seen through layout
   equations that only move its entries (``transpose``, ``reshape`` that adds or
-  drops size-1 axes, ``squeeze``, ``broadcast_in_dim``). ``axes`` says, per axis
+  drops size-1 axes, ``squeeze``, ``broadcast_in_dim``, a widening float cast). ``axes`` says, per axis
   of the value, which axis of the leaf it runs along, or ``None`` where the leaf
   is replicated (a broadcast: the positions a bias or a scale is shared over).
   Anything else (a cast, arithmetic, a concatenation) is not a parameter view.
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+import numpy as np
 
 from ntklayers._core import _jax_compat
 from ntklayers._core import _rowproof
@@ -92,6 +94,13 @@ def propagate(eqn: Any, view: ParamView) -> ParamView | None:
   new: list[int | None]
   if name in ("copy", "copy_p"):
     new = list(axes)
+  elif name == "convert_element_type":
+    # A widening float cast (float32 parameters in a float64 computation: Flax's
+    # promote_dtype) is exact, so the leaf's Jacobian is the cast value's.
+    src, dst = eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
+    if not (_is_float(src) and _is_float(dst) and dst.itemsize >= src.itemsize):
+      return None
+    new = list(axes)
   elif name == "transpose":
     new = [axes[d] for d in p["permutation"]]
   elif name == "squeeze":
@@ -112,7 +121,12 @@ def propagate(eqn: Any, view: ParamView) -> ParamView | None:
   return dataclasses.replace(view, axes=tuple(new))
 
 
-LAYOUT = frozenset({"copy", "copy_p", "transpose", "squeeze", "broadcast_in_dim", "reshape"})
+LAYOUT = frozenset({"copy", "copy_p", "transpose", "squeeze", "broadcast_in_dim", "reshape",
+                    "convert_element_type"})
+
+
+def _is_float(dtype: Any) -> bool:
+  return np.issubdtype(dtype, np.floating)
 
 
 # ------------------------------------------------------------- row axes ---
