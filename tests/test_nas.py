@@ -307,18 +307,34 @@ def test_rejection_on_kappa_and_on_nonfinite_gradients():
   assert result.rejected and "non-finite te_nas kernel" in result.reason
 
 
-def test_plain_layers_are_exact_and_warn_once():
+def test_plain_layers_are_recognized_and_exact():
   scores = ("te_nas_kappa", "kappa")
   plain, dropin = _mlp(hk.Linear), _mlp(ntklayers.Linear)
-  scorer = nas.Scorer(X, repeats=1, scores=scores)
-  with pytest.warns(nas.FallbackWarning, match=r"\['linear', 'linear_1'\]"):
-    result = scorer(plain)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    scorer(plain)                                     # once per scorer
+    warnings.simplefilter("error")  # stock hk.Linear: recognized, no fallback warning
+    result = nas.Scorer(X, repeats=1, scores=scores)(plain)
   expected = nas.Scorer(X, repeats=1, scores=scores)(dropin)   # same names, same init
   for name in scores:
     np.testing.assert_allclose(result.values[name], expected.values[name], rtol=1e-9)
+
+
+def test_unrecognized_layers_warn_once():
+  scores = ("te_nas_kappa", "kappa")
+
+  def custom(x):  # a parameter transformed before use: no pattern, the fallback
+    w = hk.get_parameter("w", (x.shape[-1], O), x.dtype, init=hk.initializers.RandomNormal())
+    return jnp.tanh(x) @ jnp.sin(w)
+
+  scorer = nas.Scorer(X, repeats=1, scores=scores)
+  with pytest.warns(nas.FallbackWarning, match=r"\['~'\]"):
+    result = scorer(custom)
+  assert not result.rejected, result.reason
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    again = scorer(custom)                            # once per scorer
+  for name in scores:
+    assert np.all(np.isfinite(result.values[name]))
+    np.testing.assert_allclose(result.values[name], again.values[name], rtol=1e-12)
 
 
 # ------------------------------------------------------------------- errors ---

@@ -171,6 +171,12 @@ class Scorer:
 
   def __call__(self, candidate: Any, *, kind: str | None = None) -> ScoreResult:
     """Scores one candidate; see the class docstring."""
+    with warnings.catch_warnings():
+      # The scorer's own FallbackWarning says it, once per scorer, not per candidate.
+      warnings.filterwarnings("ignore", category=_core.SlowRouteWarning)
+      return self._score(candidate, kind)
+
+  def _score(self, candidate: Any, kind: str | None) -> ScoreResult:
     adapter = adapt(candidate, kind)
     start = time.perf_counter()
     values: dict[str, list[float]] = {s: [] for s in self.scores}
