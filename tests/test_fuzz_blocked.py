@@ -16,8 +16,8 @@ batch, float64, ``rel_err <= 1e-10`` against ``max|K|``), or:
 
 * ``test_fuzz_blocked``: 4 fixed examples and 5 drawn, ``derandomize=True``
   (about 60 s on one core);
-* ``test_fuzz_blocked_slow`` (``@pytest.mark.slow``): 300 examples from
-  ``@seed(SLOW_SEED)``.
+* ``test_fuzz_blocked_slow`` (``@pytest.mark.slow``): ``SLOW_EXAMPLES`` examples
+  (60 in CI, ``NTKLAYERS_FUZZ_EXAMPLES`` to change) from ``@seed(SLOW_SEED)``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 import models
 import ntklayers
 from reference import TOL64
-from test_fuzz import Spec, build, reference_kernel, specs
+from test_fuzz import SLOW_EXAMPLES, Spec, build, reference_kernel, specs
 
 SLOW_SEED = 20250117
 _FILES = itertools.count()
@@ -168,7 +168,7 @@ def test_fuzz_blocked(tmp_path, bspec):
 
 @pytest.mark.slow
 @seed(SLOW_SEED)
-@settings(max_examples=300, **_SETTINGS)
+@settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
 @given(bspec=blocked_specs())
 def test_fuzz_blocked_slow(tmp_path, bspec):
   check(bspec, tmp_path)
