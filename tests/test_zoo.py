@@ -11,7 +11,8 @@ stock layers; Equinox also through ``ntklayers.equinox`` when it exists):
 
 Default: the MLP in every framework and form, and the drop-in and stock Haiku
 forms of a WideResNet (BatchNorm) and of the GPT (embeddings, causal attention, a
-tied decoder), under a minute on one core; the rest is marked ``slow``.
+tied decoder), under a minute on one core; the rest is marked ``slow`` (and, but
+for the stock Haiku forms, ``bench``: CI's slow tier leaves those out).
 ntklayers' notes about parameters that go to the exact fallback (a tied decoder
 with drop-ins, stock layers before they are recognized) are expected here.
 """
@@ -31,7 +32,9 @@ from reference import TOL64, assert_rel_close, reference_ntk
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import zoo  # noqa: E402  pylint: disable=wrong-import-position
 
-# Models checked in every framework by default (the rest: slow).
+# Models checked in every framework by default; the stock Haiku form of every
+# model in the slow tier (CI); every other form with the ``bench`` mark too
+# (``python -m pytest -m bench tests/test_zoo.py``: about 30 minutes on 2 cores).
 _FAST = {("mlp", fw) for fw in ("haiku", "linen", "nnx", "eqx", "plain")} | {
     ("wrn", "haiku"), ("gpt", "haiku")}
 
@@ -41,7 +44,12 @@ def _cases() -> list:
   for arch in zoo.ARCHS:
     for framework in zoo.FRAMEWORKS[arch]:
       for form in zoo.forms(arch, framework):
-        marks = () if (arch, framework) in _FAST else (pytest.mark.slow,)
+        if (arch, framework) in _FAST:
+          marks: tuple = ()
+        elif framework == "haiku" and form == "stock":
+          marks = (pytest.mark.slow,)
+        else:
+          marks = (pytest.mark.slow, pytest.mark.bench)
         cases.append(pytest.param(arch, framework, form, marks=marks,
                                   id=f"{arch}-{framework}-{form}"))
   return cases
@@ -55,8 +63,10 @@ def _promotion(framework: str):
 
 @functools.lru_cache(maxsize=None)
 def _reference(arch: str) -> tuple[np.ndarray, np.ndarray]:
-  """``(outputs, kernel)`` of the plain-JAX form, the kernel by ``jax.jacrev``."""
-  m = zoo.build(arch, "plain", "stock", "tiny", "float64")
+  """``(outputs, kernel)`` of the plain-JAX form (the stock Haiku form of a model
+  that has none: Haiku's own ResNet-18), the kernel by ``jax.jacrev``."""
+  framework = "plain" if "plain" in zoo.FRAMEWORKS[arch] else "haiku"
+  m = zoo.build(arch, framework, "stock", "tiny", "float64")
   out = np.asarray(jax.jit(m.apply)(m.params, m.x))
   return out, reference_ntk(m.apply, m.params, m.x)
 
