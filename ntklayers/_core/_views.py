@@ -5,7 +5,8 @@ Two facts per value, computed from the program alone (never from values):
 * **Parameter views** (:class:`ParamView`): a value that *is* a leaf of
   ``params`` (or a scan's per-step slice of one), possibly seen through layout
   equations that only move its entries (``transpose``, ``reshape`` that adds or
-  drops size-1 axes, ``squeeze``, ``broadcast_in_dim``, a widening float cast). ``axes`` says, per axis
+  drops size-1 axes, ``squeeze``, ``broadcast_in_dim``, a widening float cast).
+  ``axes`` says, per axis
   of the value, which axis of the leaf it runs along, or ``None`` where the leaf
   is replicated (a broadcast: the positions a bias or a scale is shared over).
   Anything else (a cast, arithmetic, a concatenation) is not a parameter view.
