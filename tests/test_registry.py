@@ -127,8 +127,11 @@ def _params():
     for impl in IMPLEMENTATIONS:
       generic = impl != "auto" and m.name not in GENERIC_DEFAULT
       slow = m.slow or generic or impl in HEAVY.get(m.name, ()) or _slow_stock(m)
-      out.append(pytest.param(m, impl, id=f"{m.name}-{impl}",
-                              marks=[pytest.mark.slow] if slow else []))
+      # The generic routes of the non-representative models: the full matrix
+      # (``-m bench``), not CI's slow tier (the representatives and the fuzzer cover them).
+      marks = ([pytest.mark.slow, pytest.mark.bench] if generic else
+               [pytest.mark.slow] if slow else [])
+      out.append(pytest.param(m, impl, id=f"{m.name}-{impl}", marks=marks))
   return out
 
 
