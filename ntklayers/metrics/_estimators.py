@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntklayers import _core
+from ntklayers import _progress
 from ntklayers._large import make_matvec
 from ntklayers.metrics._lanczos import _apply, _check_key, _positive_int
 
@@ -45,21 +45,9 @@ def progress_bar(total: int, desc: str, progress: Any) -> Iterator[Any]:
   """A tqdm bar (``None``: on a terminal only; ``True``: always; tqdm optional)."""
   if progress is not None and not isinstance(progress, (bool, np.bool_)):
     raise TypeError(f"`progress` must be None, True or False, got {progress!r}.")
-  if progress is False or (progress is None and not sys.stderr.isatty()):
-    yield None
-    return
-  try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    if progress:
-      raise ImportError("`progress=True` needs tqdm: `pip install tqdm`.") from e
-    yield None
-    return
-  bar = tqdm(total=total, desc=desc, unit="matvec", leave=False)
-  try:
+  with _progress.progress_bar(total, desc, None if progress is None else bool(progress),
+                              unit="matvec") as bar:
     yield bar
-  finally:
-    bar.close()
 
 
 def check_key(key: Any) -> jax.Array:

@@ -7,10 +7,8 @@ solves.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ntklayers._progress import progress_bar
 from ntklayers.predict._checks import NotPositiveSemidefiniteError
 from ntklayers.predict._layout import shape_str
 from ntklayers.predict._operators import KernelOperator
@@ -51,26 +50,6 @@ class SolveInfo:
   tol: float
   converged: bool
   seconds: float
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, desc: str, progress: bool | None) -> Iterator[Any]:
-  """A tqdm bar (``None``: on a terminal only; ``True``: always; tqdm optional)."""
-  if progress is False or (progress is None and not sys.stderr.isatty()):
-    yield None
-    return
-  try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    if progress:
-      raise ImportError("`progress=True` needs tqdm: `pip install tqdm`.") from e
-    yield None
-    return
-  bar = tqdm(total=total, desc=desc, unit="it", leave=False)
-  try:
-    yield bar
-  finally:
-    bar.close()
 
 
 def _check_tol(tol: float, maxiter: int | None, dim: int) -> int:
