@@ -1,5 +1,6 @@
-"""Progress bars of long host loops: the matrix-free solvers of ``ntklayers.predict``
-and the spectral estimators of ``ntklayers.metrics`` share this one.
+"""Progress bars of long host loops: ``ntk_blocked``'s rounds, the matrix-free
+solvers of ``ntklayers.predict`` and the spectral estimators of ``ntklayers.metrics``
+share this one.
 
 ``progress=None`` shows a bar only when stderr is a terminal, ``True`` always,
 ``False`` never; tqdm is optional (``True`` without it is an ``ImportError``
@@ -16,7 +17,7 @@ from typing import Any
 
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str, progress: bool | None,
-                 unit: str = "it") -> Iterator[Any]:
+                 unit: str = "it", leave: bool = False) -> Iterator[Any]:
   """A tqdm bar of ``total`` steps, or ``None`` where no bar is shown.
 
   Example:
@@ -34,7 +35,7 @@ def progress_bar(total: int, desc: str, progress: bool | None,
       raise ImportError("`progress=True` needs tqdm: `pip install tqdm`.") from e
     yield None
     return
-  bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+  bar = tqdm(total=total, desc=desc, unit=unit, leave=leave)
   try:
     yield bar
   finally:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ntklayers._progress import progress_bar
 from ntklayers._core import OutputSpec, emit_note
 from ntklayers._large import _store
 from ntklayers._large import _tiles as T
@@ -163,19 +164,8 @@ def _blocks(value: jax.Array, gather: bool):
 @contextlib.contextmanager
 def _bar(total: int, progress: bool | None):
   """A tqdm bar on process 0: ``None`` on a terminal only, ``True`` always."""
-  if progress is False or jax.process_index() != 0:
+  if jax.process_index() != 0:
     yield None
     return
-  try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    if progress:
-      raise ImportError("`progress=True` needs tqdm: `pip install tqdm`.") from e
-    yield None
-    return
-  bar = tqdm(total=total, desc="ntk_blocked", unit="block",
-             disable=None if progress is None else False)
-  try:
+  with progress_bar(total, "ntk_blocked", progress, unit="block", leave=True) as bar:
     yield bar
-  finally:
-    bar.close()
