@@ -20,6 +20,7 @@ captured). Those leaves go to the exact fallback.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ import jax
 from ntklayers._core import _checks
 from ntklayers._core import _jax_compat
 from ntklayers._core import _views
-from ntklayers._core._recognize import Recognized, recognize
+from ntklayers._core._recognize import OFFSET_ROLE, Recognized, fuse_offset, recognize
 from ntklayers._core._rule import get_rule
 from ntklayers._core._session import TAG, Session
 from ntklayers._core._views import ParamView
@@ -158,13 +159,17 @@ class _Walk:
 
   def records(self) -> tuple[CallRecord, ...]:
     """Tags, and recognized calls on leaves that no tag reads (drop-ins win)."""
-    return tuple(r for r in self.found
-                 if r.recognized is None or r.leaves[0][1] not in self.tag_leaves)
+    return tuple(r for r in self.found if r.recognized is None
+                 or not any(i in self.tag_leaves for _, i in r.leaves))
 
   def run(self, jaxpr, prov: dict, path: Path, loops: tuple[int, ...],
           blocked: str | None) -> None:
     """``prov`` maps the variables that are parameter views to their views."""
     env = self.envs.get(path, {})
+    uses = collections.Counter(v for e in jaxpr.eqns for v in e.invars
+                               if not isinstance(v, _jax_compat.Literal))
+    uses.update(v for v in jaxpr.outvars if not isinstance(v, _jax_compat.Literal))
+    products: dict = {}  # output variable -> index in self.found of a recognized product
     for k, eqn in enumerate(jaxpr.eqns):
       here = path + (k,)
       name = eqn.primitive.name
@@ -182,7 +187,7 @@ class _Walk:
         inner = {}
         for i, (v, bv) in enumerate(zip(eqn.invars, inner_jaxpr.invars)):
           pv = _lookup(prov, v)
-          if pv is None or nc <= i < nc + ncar:
+          if pv is None or nc <= i < nc + ncar or pv.factor is not None:
             continue  # a loop carry is not a parameter, even if it starts as one
           if i < nc:
             inner[bv] = pv
@@ -192,7 +197,7 @@ class _Walk:
       elif blocked is None and (name in _jax_compat.REMAT or name in _jax_compat.CALLS):
         inner_jaxpr, _ = _jax_compat.body(eqn)
         looked = {bv: _lookup(prov, v) for v, bv in zip(eqn.invars, inner_jaxpr.invars)}
-        inner = {bv: pv for bv, pv in looked.items() if pv is not None}
+        inner = {bv: pv for bv, pv in looked.items() if pv is not None and pv.factor is None}
         self.run(inner_jaxpr, inner, here, loops, None)
       elif _jax_compat.has_body(eqn):
         reason = blocked or f"it runs inside a `{name}` of the model, which is not structured"
@@ -209,7 +214,31 @@ class _Walk:
                   if isinstance(v, _jax_compat.Literal) else env.get(v) for v in eqn.invars]
           found = recognize(eqn, views, anns, self.n)
           if found is not None:
-            self.found.append(self._recognized(found, here, loops))
+            data = eqn.invars[found.recognized.data]
+            if not (name == "add" and uses[data] == 1 and data in products
+                    and self._fuse(products[data], found, here)):
+              self.found.append(self._recognized(found, here, loops))
+              if found.kind in OFFSET_ROLE:
+                products[eqn.outvars[0]] = len(self.found) - 1
+          else:
+            consts = set(jaxpr.constvars)  # (shared by every example)
+            view = _views.scaled(eqn, views, [frozenset() if a is None and v in consts else a
+                                              for a, v in zip(anns, eqn.invars)])
+            if view is not None:
+              prov[eqn.outvars[0]] = view
+
+  def _fuse(self, k: int, bias: Any, path: Path) -> bool:
+    """Makes ``bias`` the offset of recognized call ``k`` when it is one."""
+    call = self.found[k]
+    if call.skip is not None or not fuse_offset(call.kind, call.config, call.recognized,
+                                                call.stack, bias, call.out[0]):
+      return False
+    recognized = dataclasses.replace(call.recognized, source=call.path,
+                                     offset_param=bias.recognized.param)
+    self.found[k] = dataclasses.replace(
+        call, leaves=call.leaves + ((OFFSET_ROLE[call.kind], bias.view.leaf),), path=path,
+        recognized=recognized, signature=(call.signature, bias.signature))
+    return True
 
   def _recognized(self, found: Any, path: Path, loops: tuple[int, ...]) -> CallRecord:
     rule = get_rule(found.kind)
@@ -279,95 +308,3 @@ def execution_order(jaxpr: Any, path: tuple[int, ...], steps: list[int]) -> tupl
       key.append(eqn.params["length"] - 1 - step if eqn.params["reverse"] else step)
     jaxpr = _jax_compat.body(eqn)[0]
   return (*key, path[-1])
-
-
-def outside(traced: Traced, captured: frozenset[Path]) -> frozenset[int]:
-  """Parameter leaves the output depends on other than through the direct
-  parameter use of the ``captured`` tags (by their paths).
-
-  A captured tag's output counts as depending on the tag's primal and inputs
-  only, a captured recognized equation's on its data operand only; every other
-  equation's outputs depend on all of its inputs, except that ``scan``,
-  ``remat`` and ``jit`` bodies are followed (loop carries to a fixed point). The
-  answer may over-approximate, never miss, a dependency.
-  """
-  jaxpr = traced.jaxpr.jaxpr
-  taint = [1 << i for i in range(traced.n_params)]
-  taint += [0] * (len(jaxpr.invars) - traced.n_params)
-  param_at = {r.path: r.recognized.param for r in traced.records if r.recognized is not None}
-  at = {path: param_at.get(path) for path in captured}
-  mask = 0
-  for t in _taint(jaxpr, taint, at, ()):
-    mask |= t
-  return frozenset(i for i in range(traced.n_params) if mask >> i & 1)
-
-
-def _taint(jaxpr, in_taint: list[int], captured: dict, path: Path) -> list[int]:
-  env = dict(zip(jaxpr.invars, in_taint))
-
-  def read(v):
-    return 0 if isinstance(v, _jax_compat.Literal) else env.get(v, 0)
-
-  for k, eqn in enumerate(jaxpr.eqns):
-    here = path + (k,)
-    t_in = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if eqn.primitive is TAG:
-      n_roles = len(eqn.params["meta"].roles)
-      kept = t_in[1:2] + t_in[2 + n_roles:] if here in captured else t_in
-      outs = [_union(kept)]
-    elif captured.get(here) is not None:  # a captured recognized equation
-      outs = [_union([t for i, t in enumerate(t_in) if i != captured[here]])]
-    elif name == _jax_compat.SCAN:
-      sp = _jax_compat.scan_params(eqn)
-      nc, ncar = sp["num_consts"], sp["num_carry"]
-      inner_jaxpr, _ = _jax_compat.body(eqn)
-      carry = t_in[nc:nc + ncar]
-      while True:
-        body_out = _taint(inner_jaxpr, t_in[:nc] + carry + t_in[nc + ncar:], captured, here)
-        new = [a | b for a, b in zip(carry, body_out[:ncar])]
-        if new == carry:
-          break
-        carry = new
-      outs = carry + body_out[ncar:]
-    elif name in _jax_compat.REMAT or name in _jax_compat.CALLS:
-      inner_jaxpr, _ = _jax_compat.body(eqn)
-      outs = _taint(inner_jaxpr, t_in, captured, here)
-    else:
-      outs = _taint_other(eqn, t_in, captured, here)
-    for v, t in zip(eqn.outvars, outs):
-      env[v] = t
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _taint_other(eqn, t_in: list[int], captured, here: Path) -> list[int]:
-  """Taints through ``cond`` (any branch) and ``while`` (carries to a fixed point);
-  any other equation (``custom_jvp``/``custom_vjp`` included, whose derivative
-  rules need not follow their primal data flow): every output depends on every
-  input."""
-  n_out = len(eqn.outvars)
-  branches = _jax_compat.cond_branches(eqn)
-  if branches is not None:
-    outs = [t_in[0]] * n_out  # the branch index affects every output
-    for j, b in enumerate(branches):
-      outs = [a | c for a, c in zip(outs, _taint(b, t_in[1:], captured, here + (-1 - j,)))]
-    return outs
-  parts = _jax_compat.while_parts(eqn)
-  if parts is not None:
-    cond, body, nc, nb = parts
-    cconsts, bconsts, carry = t_in[:nc], t_in[nc:nc + nb], t_in[nc + nb:]
-    while True:
-      pred = _union(_taint(cond, cconsts + carry, captured, here + (-1,)))
-      out = _taint(body, bconsts + carry, captured, here + (-2,))
-      new = [a | b | pred for a, b in zip(carry, out)]
-      if new == carry:
-        return carry
-      carry = new
-  return [_union(t_in)] * n_out
-
-
-def _union(taints: list[int]) -> int:
-  t = 0
-  for x in taints:
-    t |= x
-  return t

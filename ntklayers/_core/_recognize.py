@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from ntklayers._core._rules import ConvConfig, DenseConfig, ScaleConfig
 from ntklayers._core._rules_embed import EmbedConfig
+from ntklayers._core import _views
 from ntklayers._core._views import ParamView
 
 KINDS = ("dense", "conv", "bias", "scale", "embed")
@@ -49,6 +50,13 @@ class Recognized:
       output layout (rows first).
     shape: for an elementwise equation whose data operand is broadcast (size-1
       axes), the output shape it is broadcast to first.
+    factor: for a ``scale`` whose parameter operand is a scaled view
+      (``_views.scaled``), the view's factor: the primal is the data operand
+      times the factor (``d/ds [x * (c * s)] = x * c``).
+    source: for a call fused with the bias added to its output (:func:`fuse_offset`),
+      the path of the equation this descriptor reads (the product); the call's
+      own path is then the ``add``'s, where its output is perturbed.
+    offset_param: with ``source``, the index of the bias operand of the ``add``.
   """
 
   kind: str
@@ -57,9 +65,17 @@ class Recognized:
   x_perm: tuple[int, ...]
   out_perm: tuple[int, ...]
   shape: tuple[int, ...] | None = None
+  factor: Any = dataclasses.field(default=None, compare=False)
+  source: tuple[int, ...] | None = None
+  offset_param: int | None = None
 
-  def primal(self, invals: list) -> Any:
+  def primal(self, invals: list, read: Any = None) -> Any:
+    """The canonical primal from the equation's operands (``read`` gives the
+    values of the program's variables, for a factor)."""
     x = invals[self.data]
+    if self.factor is not None:
+      c = _views.factor_value(self.factor, read)
+      x = x * jnp.broadcast_to(c, invals[self.param].shape).astype(x.dtype)
     if self.kind == "bias":  # the rule reads only the cotangents: a token primal
       return jnp.zeros((x.shape[self.x_perm[0]],), x.dtype)
     if self.kind == "embed":
@@ -124,6 +140,8 @@ def recognize(eqn: Any, views: list, anns: list, n: int) -> Found | None:
   if not all(jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in (eqn.outvars[0],
                                                                   eqn.invars[p])):
     return None
+  if view.factor is not None and name != "mul":
+    return None  # a scaled view is only followed into a product with data
   if name == "dot_general":
     return _dense(eqn, p, view, anns, n)
   if name == "conv_general_dilated" and p == 1:
@@ -213,7 +231,7 @@ def _elementwise(eqn, p, view, anns, n) -> Found | None:
   kind, role = ("scale", "scale") if eqn.primitive.name == "mul" else ("bias", "offset")
   dtype = eqn.outvars[0].aval.dtype
   return Found(kind, ScaleConfig(axes), role, view,
-               Recognized(kind, d, p, perm, perm, None if xs == out else out),
+               Recognized(kind, d, p, perm, perm, None if xs == out else out, view.factor),
                ((n,) if kind == "bias" else tuple(out[a] for a in perm), x.aval.dtype),
                (tuple(out[a] for a in perm), dtype), (kind, view.signature(tuple(varying))))
 
@@ -238,3 +256,54 @@ def _gather(eqn, view, anns, n) -> Found | None:
                Recognized("embed", 1, 0, ident, tuple(range(len(out.shape)))),
                (ixs[:-1], ids.aval.dtype), (tuple(out.shape), out.dtype),
                ("embed", (0, 1)))
+
+
+# ---------------------------------------------------------------- fusion ---
+
+OFFSET_ROLE = {"dense": "b", "conv": "b", "scale": "offset"}
+
+
+def _offset_axes(kind: str, config: Any, out_perm: tuple[int, ...]) -> tuple[int, ...] | None:
+  """The axes of the equation's output along which the rule's offset varies (its
+  output features), or ``None`` when the rule has no such offset here."""
+  n = len(out_perm)
+  if kind == "dense":
+    if config.group_axes:
+      return None
+    rule_axes: tuple[int, ...] = tuple(range(n - config.out_axes, n))
+  elif kind == "conv":
+    rule_axes = (n - 1,)
+  elif kind == "scale":
+    rule_axes = tuple(config.param_axes)
+  else:
+    return None
+  return tuple(out_perm[a] for a in rule_axes)
+
+
+def fuse_offset(kind: str, config: Any, recognized: Recognized, stack: tuple[int, ...],
+                bias: Found, out_shape: tuple[int, ...]) -> bool:
+  """Whether ``bias`` (an ``add`` of a leaf to the output of a recognized
+  ``kind`` call, its only use) is that call's offset: the leaf varies exactly
+  along the output features, once each, and is sliced by the same loops. Then the
+  call reads both leaves and is perturbed after the ``add`` (one cotangent, as a
+  drop-in layer with a bias, instead of two)."""
+  axes = _offset_axes(kind, config, recognized.out_perm)
+  view = bias.view
+  if (axes is None or bias.kind != "bias" or bias.recognized.shape is not None
+      or view.factor is not None or view.stack != stack or not view.covers_leaf()):
+    return False
+  value_axes = view.value_axes()
+  for e, size in enumerate(out_shape):
+    a = value_axes[e]
+    if e in axes:
+      if size > 1 and a is None:
+        return False
+    elif a is not None and view.base[a] != 1:
+      return False
+  size = 1
+  for e in axes:
+    size *= out_shape[e]
+  leaf = 1
+  for d in view.base:
+    leaf *= d
+  return size == leaf

@@ -47,17 +47,20 @@ def replay(traced: Traced, params: Any, x: Any, perts: dict[Path, jax.Array]):
   closed = traced.jaxpr
   prefixes = frozenset(p[:i] for p in perts for i in range(1, len(p)))
   recognized = {r.path: r.recognized for r in traced.records if r.recognized is not None}
+  sources = {d.source: path for path, d in recognized.items() if d.source is not None}
   outs, primals = _eval(closed.jaxpr, list(closed.consts), args, (), perts,
-                        _Where(prefixes, recognized))
+                        _Where(prefixes, recognized, sources))
   return outs[0], primals
 
 
 class _Where:
   """What the replay needs to know about the program: the containers of perturbed
-  calls (``prefixes``) and the recognized equations (path -> descriptor)."""
+  calls (``prefixes``), the recognized equations (path -> descriptor) and, for
+  calls fused with their bias, where their primal is read (product's path ->
+  the call's path, the ``add``'s)."""
 
-  def __init__(self, prefixes: frozenset, recognized: dict):
-    self.prefixes, self.recognized = prefixes, recognized
+  def __init__(self, prefixes: frozenset, recognized: dict, sources: dict):
+    self.prefixes, self.recognized, self.sources = prefixes, recognized, sources
 
 
 def _eval(jaxpr, consts, args, path, perts, where):
@@ -84,7 +87,12 @@ def _eval(jaxpr, consts, args, path, perts, where):
       view = where.recognized[here]
       outs = _jax_compat.eval_eqn(eqn, invals)
       outs = [outs[0] + view.to_eqn(perts[here]).astype(outs[0].dtype)]
-      primals[here] = view.primal(invals)
+      if view.source is None:
+        primals[here] = view.primal(invals, read)
+    elif where.sources.get(here) in perts:  # the product of a call fused with its bias
+      outs = _jax_compat.eval_eqn(eqn, invals)
+      call = where.sources[here]
+      primals[call] = where.recognized[call].primal(invals, read)
     elif here not in where.prefixes:
       outs = _jax_compat.eval_eqn(eqn, invals)
     else:

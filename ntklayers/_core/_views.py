@@ -44,12 +44,18 @@ class ParamView:
       ``None`` where the leaf is replicated; ``None`` altogether: the value is
       the leaf (slice) itself.
     base: the shape of the leaf (slice) the view starts from.
+    factor: ``None``, or ``(var, layout)`` for a *scaled* view: the value is the
+      view times ``var`` (a value of the same shape that every example shares,
+      e.g. BatchNorm's ``rsqrt(var + eps)`` folded into its scale), carried
+      through the ``layout`` equations since. Only a ``mul`` by data uses it
+      (rule ``scale``, with the factor folded into the primal).
   """
 
   leaf: int
   stack: tuple[int, ...]
   axes: tuple[int | None, ...] | None = None
   base: tuple[int, ...] = ()
+  factor: Any = dataclasses.field(default=None, compare=False)
 
   @property
   def is_leaf(self) -> bool:
@@ -119,7 +125,35 @@ def propagate(eqn: Any, view: ParamView) -> ParamView | None:
     new = [next(it)[0] if s != 1 else None for s in out_shape]
   else:
     return None
-  return dataclasses.replace(view, axes=tuple(new))
+  factor = None if view.factor is None else (view.factor[0], (*view.factor[1], eqn))
+  return dataclasses.replace(view, axes=tuple(new), factor=factor)
+
+
+def scaled(eqn: Any, views: list, anns: list) -> ParamView | None:
+  """The scaled view ``mul(view, c)`` is, or ``None``: ``c`` is no parameter view,
+  has the output's shape (so the product moves no entry of the leaf) and is shared
+  by every example (its row annotation is a ``frozenset``)."""
+  if eqn.primitive.name != "mul" or len(eqn.invars) != 2:
+    return None
+  p = 0 if views[0] is not None else 1
+  view, c = views[p], eqn.invars[1 - p]
+  out = tuple(eqn.outvars[0].aval.shape)
+  if (view is None or views[1 - p] is not None or view.factor is not None
+      or isinstance(c, _jax_compat.Literal) or not isinstance(anns[1 - p], frozenset)
+      or tuple(c.aval.shape) != out or tuple(eqn.invars[p].aval.shape) != out
+      or not (_is_float(c.aval.dtype) and _is_float(eqn.outvars[0].aval.dtype))):
+    return None
+  return dataclasses.replace(view, factor=(c, ()))
+
+
+def factor_value(factor: Any, read: Any) -> Any:
+  """The factor of a scaled view where it is used: ``read(var)`` moved by its
+  layout equations."""
+  var, layout = factor
+  value = read(var)
+  for eqn in layout:
+    (value,) = _jax_compat.eval_eqn(eqn, [value])
+  return value
 
 
 LAYOUT = frozenset({"copy", "copy_p", "transpose", "squeeze", "broadcast_in_dim", "reshape",
