@@ -18,17 +18,19 @@ import jax
 import jax.numpy as jnp
 
 from ntklayers._core import _checks
+from ntklayers._core import _canonical
 from ntklayers._core import _cost
 from ntklayers._core import _jax_compat
 from ntklayers._core import _replay
+from ntklayers._core import _routes
 from ntklayers._core import _session
-from ntklayers._core._discovery import Traced, discover, outside
+from ntklayers._core._discovery import Traced, discover
+from ntklayers._core._outside import outside
 from ntklayers._core._options import Options
-from ntklayers._core._fallback import check_jacobians, choose, jacobians
-from ntklayers._core._plan import (Plan, captured_calls, make_plan,
+from ntklayers._core._fallback import check_jacobians, jacobians
+from ntklayers._core._plan import (Plan, captured_calls, make_plan, notes_mark, notes_reset,
                                    resolve_trainable, warn_once)
 from ntklayers._core._replay import capture_cotangents
-from ntklayers._core._rule import rule_of
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
@@ -53,6 +55,11 @@ class Setup:
     per_example: whether the fallback's Jacobians may be taken one example at a
       time (``f`` runs on one example with the same output shape); otherwise they
       are Jacobians of the whole batch (a model that reshapes by its batch size).
+    route: the route taken (``_routes.ROUTES``): ``"structured"`` or
+      ``"structured+ntk_vp"`` (groups plus the fallback by Jacobians or NTK-vector
+      products), or ``"jacobian"`` / ``"ntk_vp"`` for the whole model.
+    costs: under ``implementation="auto"``, the predicted cost of every route,
+      ``((route, _routes.RouteCost), ...)`` (what the choice was made from).
   """
 
   f: Callable
@@ -67,6 +74,8 @@ class Setup:
   interceptors: tuple = dataclasses.field(default=(), compare=False, repr=False)
   recognize: bool = True
   per_example: bool = True
+  route: str = "structured"
+  costs: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
   def signature(self) -> tuple:
     """What two caches must share to be contracted together."""
@@ -171,22 +180,17 @@ def prepare(f: Callable, params: Any, xs: tuple, options: Options) -> Setup:
   records = _merge_records(traced)
   if records is None:
     structured, records = False, traced[0].records
-  captured = frozenset(r.path for r in records if r.skip is None) if structured else (
-      frozenset())
-  for _ in range(len(records) + 1):
-    out_leaves = frozenset().union(*(outside(t, captured) for t in traced))
-    plan = make_plan(records, params, mask, structured, coupled, out_leaves)
-    now = frozenset(plan.records[k].path for k in captured_calls(plan))
-    if now == captured:
-      break
-    captured = now
-  else:  # pragma: no cover - the captured set only shrinks
-    raise RuntimeError("ntklayers: discovery did not converge; please report this model.")
-  mode = (_replay.INDEPENDENT if independent is True else
-          _replay.COUPLED if coupled else _replay.CHECKED)
+  mark = notes_mark()
+  plan = _converge(records, traced, params, mask, structured, coupled)
   out_shape, out_dtype = traced[0].out_shape, traced[0].out_dtype
   flops = _cost.forward_flops_per_example(traced[0].jaxpr, out_shape[0])
-  method = _fallback_method(options, plan, params, out_shape, out_dtype, flops)
+  route, costs = _route(options, plan, traced, params, mask, xs, flops)
+  if route in ("jacobian", "ntk_vp") and plan.groups:  # a whole-model route is cheaper
+    notes_reset(mark)  # (what the structured plan would have left out no longer matters)
+    plan = _converge(records, traced, params, mask, False, coupled)
+  method = "ntk_vp" if route in ("ntk_vp", "structured+ntk_vp") else "jacobian"
+  mode = (_replay.INDEPENDENT if independent is True else
+          _replay.COUPLED if coupled else _replay.CHECKED)
   proven = None
   if mode == _replay.CHECKED and plan.groups:
     proven = all(_replay.rows_proven(t, params, x, _active(plan, t))
@@ -201,7 +205,34 @@ def prepare(f: Callable, params: Any, xs: tuple, options: Options) -> Setup:
   if mode == _replay.CHECKED and not (check_layers or check_jacobians):
     mode = _replay.INDEPENDENT  # proven, or whole-batch NTK-vector products only
   return Setup(f, plan, out_shape[1:], out_dtype, mode, method, check_layers, proven,
-               traced, hooks, recognize, per_example)
+               traced, hooks, recognize, per_example, route, costs)
+
+
+def _converge(records, traced, params, mask, structured: bool, coupled: bool) -> Plan:
+  """The plan whose captured calls are exactly those its dependency analysis
+  assumed (repeated, without tracing again, until it holds)."""
+  captured = frozenset(r.path for r in records if r.skip is None) if structured else (
+      frozenset())
+  for _ in range(len(records) + 1):
+    out_leaves = frozenset().union(*(outside(t, captured) for t in traced))
+    plan = make_plan(records, params, mask, structured, coupled, out_leaves)
+    now = frozenset(plan.records[k].path for k in captured_calls(plan))
+    if now == captured:
+      return plan
+    captured = now
+  raise RuntimeError(  # pragma: no cover - the captured set only shrinks
+      "ntklayers: discovery did not converge; please report this model.")
+
+
+def _route(options: Options, plan: Plan, traced: tuple, params: Any, mask: list,
+           xs: tuple, flops: float) -> tuple[str, tuple]:
+  """The route (``_routes.ROUTES``) and, under ``"auto"``, the predicted costs of
+  every route as ``((route, RouteCost), ...)``."""
+  impl = options.implementation
+  if impl != "auto":
+    return {"structured": "structured"}.get(impl, impl), ()
+  costs = _routes.predict(_canonical.route_shapes(options, plan, traced, params, mask, xs, flops))
+  return _routes.choose_route(costs), tuple(costs.items())
 
 
 def _runs_per_example(f: Callable, params: Any, x: Any, out_shape: tuple[int, ...]) -> bool:
@@ -222,19 +253,6 @@ def prove_rows(setup: Setup, params: Any, xs: tuple) -> bool:
     return setup.rows_proven
   return all(_replay.rows_proven(t, params, x, _active(setup.plan, t))
              for t, x in zip(setup.traced, xs))
-
-
-def _fallback_method(options: Options, plan: Plan, params: Any, out_shape: tuple[int, ...],
-                     out_dtype: Any, flops_per_example: float) -> str:
-  """The fallback route: the one asked for, or under ``"auto"`` the cheaper one."""
-  if options.implementation in ("jacobian", "structured"):
-    return "jacobian"
-  if options.implementation == "ntk_vp":
-    return "ntk_vp"
-  leaves = jax.tree.leaves(params)
-  n_fb = sum(leaves[i].size for g in plan.fallback for i in g.leaves)
-  return choose(out_shape[0], math.prod(out_shape[1:]), n_fb, jnp.dtype(out_dtype).itemsize,
-                flops_per_example, diagonal=options.diagonal_batch)
 
 
 def _active(plan: Plan, traced: Traced) -> list:
@@ -279,7 +297,7 @@ def capture_with(setup: Setup, params: Any, x: Any) -> Factors:
     def canonical(k: int):
       record = traced.records[k]
       primal, cot = captured[record.path]
-      return _canonical(record, primal, cot, n, n_out, coupled)
+      return _canonical.canonical(record, primal, cot, n, n_out, coupled)
 
     layers = tuple(tuple(canonical(k) for k in g.calls) for g in plan.groups)
   fb_leaves = tuple(i for g in plan.fallback for i in g.leaves)
@@ -312,50 +330,3 @@ def recapture_coupled(cache: Factors) -> Factors:
   (reusing the program discovery traced, when it is still valid)."""
   setup = dataclasses.replace(cache.meta, mode=_replay.COUPLED, check_layers=False)
   return capture_with(setup, cache.params, cache.inputs)
-
-
-def _canonical(record, primal, cot, n: int, n_out: int, coupled: bool):
-  """Canonical ``(x [S, Nx, T, ...], g [S, N, O, T, ...])`` of one call.
-
-  ``primal`` is ``[*loops, M, ...]`` and ``cot`` ``[B, *loops, M, ...]``. Loops
-  that slice the parameters become the stack axis ``S``; loops that reuse them
-  are folded into the sharing axis ``T`` (cross terms between steps included).
-  """
-  rule = rule_of(record.kind)
-  cfg = record.config
-  loops = record.loops
-  if not loops:
-    xc, gc = rule.canonicalize(cfg, primal, cot)
-    xc, gc = xc[None], gc[None]
-  else:
-    nl = len(loops)
-    p = primal.reshape((record.steps,) + primal.shape[nl:])
-    c = cot.reshape((cot.shape[0], record.steps) + cot.shape[1 + nl:])
-    xc, gc = jax.vmap(lambda a, b: rule.canonicalize(cfg, a, b), in_axes=(0, 1))(p, c)
-    xc = _split_loops(xc.reshape(loops + xc.shape[1:]), record, 0)
-    gc = _split_loops(gc.reshape(loops + gc.shape[1:]), record, 1)
-  m, t = xc.shape[1:3]
-  s = xc.shape[0]
-  if not coupled:  # gc: [S, O, N, T, ...] -> [S, N, O, T, ...]
-    return xc, jnp.swapaxes(gc, 1, 2)
-  # Samples interact: rows of the layer are a sharing axis of every example.
-  xc = xc.reshape((s, 1, m * t) + xc.shape[3:])
-  gc = gc.reshape((s, n, n_out, m * t) + gc.shape[4:])
-  return xc, gc
-
-
-def _split_loops(a: jax.Array, record, lead: int) -> jax.Array:
-  """``[*loops, (B,) M, T, ...]`` -> ``[S, (B,) M, R * T, ...]``: slicing loops to
-  the front (flattened), reusing loops ``R`` merged into the sharing axis ``T``."""
-  nl = len(record.loops)
-  stacked = list(record.stack)
-  reused = [k for k in range(nl) if k not in stacked]
-  rows = list(range(nl, nl + lead + 1))  # (B,) M
-  rest = list(range(nl + lead + 1, a.ndim))  # T, ...
-  a = jnp.transpose(a, stacked + rows + reused + rest)
-  s = math.prod(record.loops[k] for k in stacked)
-  r = math.prod(record.loops[k] for k in reused)
-  shape = a.shape
-  head = shape[len(stacked):len(stacked) + lead + 1]
-  tail = shape[len(stacked) + lead + 1 + len(reused):]
-  return a.reshape((s, *head, r * tail[0], *tail[1:]))

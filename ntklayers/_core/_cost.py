@@ -37,27 +37,56 @@ def _conv_flops(eqn: Any) -> float:
   return 2.0 * _size(eqn.outvars[0].aval) * per_output
 
 
+def eqn_flops(eqn: Any) -> float:
+  """FLOPs of one equation (nested bodies counted as :func:`jaxpr_flops` does)."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    return _dot_flops(eqn)
+  if name == "conv_general_dilated":
+    return _conv_flops(eqn)
+  if name == "scan":
+    body, _ = _jax_compat.body(eqn)
+    return _jax_compat.scan_params(eqn)["length"] * jaxpr_flops(body)
+  if name == "cond":
+    return max(jaxpr_flops(b) for b in _jax_compat.cond_branches(eqn) or [])
+  if _jax_compat.has_body(eqn):
+    return sum(jaxpr_flops(j) for j in _jax_compat.nested(eqn))
+  return float(sum(_size(v.aval) for v in eqn.outvars))
+
+
 def jaxpr_flops(jaxpr: Any) -> float:
   """FLOPs of one evaluation of an open or closed jaxpr (loops unrolled in the
   count, ``cond`` by its most expensive branch, ``while`` as one trip)."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      total += _dot_flops(eqn)
-    elif name == "conv_general_dilated":
-      total += _conv_flops(eqn)
-    elif name == "scan":
-      body, _ = _jax_compat.body(eqn)
-      total += _jax_compat.scan_params(eqn)["length"] * jaxpr_flops(body)
-    elif name == "cond":
-      total += max(jaxpr_flops(b) for b in _jax_compat.cond_branches(eqn) or [])
-    elif _jax_compat.has_body(eqn):
-      total += sum(jaxpr_flops(j) for j in _jax_compat.nested(eqn))
-    else:
-      total += float(sum(_size(v.aval) for v in eqn.outvars))
-  return total
+  return float(sum(eqn_flops(eqn) for eqn in jaxpr.eqns))
+
+
+def flops_from_first_use(jaxpr: Any, n_params: int, leaves: Any) -> float:
+  """FLOPs of the program from the first top-level equation where data meets one
+  of ``leaves`` (an input computed from the data and one computed from those
+  leaves): what a backward pass to those leaves traverses. The whole program's
+  FLOPs when they never meet in a top-level equation of their own.
+
+  Args:
+    jaxpr: the traced model ``(params leaves..., x leaves...) -> out``.
+    n_params: how many of its inputs are parameter leaves.
+    leaves: indices of the parameter leaves.
+  """
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  chosen = set(leaves)
+  param = {v for i, v in enumerate(jaxpr.invars[:n_params]) if i in chosen}
+  data = set(jaxpr.invars[n_params:])
+  flops = [eqn_flops(e) for e in jaxpr.eqns]
+  for k, eqn in enumerate(jaxpr.eqns):
+    ins = [v for v in eqn.invars if not isinstance(v, _jax_compat.Literal)]
+    p, d = any(v in param for v in ins), any(v in data for v in ins)
+    if p and d:
+      return float(sum(flops[k:]))
+    if p:
+      param.update(eqn.outvars)
+    if d:
+      data.update(eqn.outvars)
+  return float(sum(flops))
 
 
 def forward_flops_per_example(jaxpr: Any, batch: int) -> float:

@@ -96,25 +96,3 @@ def ntk_vp_kernel(spec: OutputSpec, f: Callable, params1: Any, x1: Any, params2:
   nd = len(spec.shape1)
   full = jnp.moveaxis(cols, tuple(range(nd)), tuple(range(nd, 2 * nd)))
   return contract_full(spec, full)
-
-
-def estimate_jacobian_bytes(n: int, n_out: int, n_params: int, itemsize: int) -> int:
-  return n * n_out * n_params * itemsize
-
-
-def choose(n: int, n_out: int, n_params: int, itemsize: int, flops_per_example: float,
-           budget_bytes: int = 1 << 30, diagonal: bool = False) -> str:
-  """``"jacobian"`` or ``"ntk_vp"`` for a fallback group of ``n_params`` parameters.
-
-  Costs (paper, Table 2, with ``N1 = N2 = N``): Jacobian contraction
-  ``~3 N O F + N^2 O^2 P`` FLOPs and ``N O P`` memory per batch; NTK-vector
-  products ``~5 N^2 O F`` FLOPs and ``O(N O)`` memory. The Jacobian route is kept
-  while its factors fit ``budget_bytes``. With ``diagonal`` (``0`` in
-  ``diagonal_axes``: per-example kernels) the Jacobian products are ``N O^2 P``,
-  linear in ``N``, while NTK-vector products stay quadratic.
-  """
-  pairs = n * n_out * n_out if diagonal else (n * n_out) ** 2
-  jac_flops = 3.0 * n * n_out * flops_per_example + pairs * n_params
-  vp_flops = 5.0 * n * n * n_out * flops_per_example
-  too_big = estimate_jacobian_bytes(n, n_out, n_params, itemsize) > budget_bytes
-  return "ntk_vp" if too_big or vp_flops < jac_flops else "jacobian"

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from ntklayers._core import _cost
+from ntklayers._core import _routes
 from ntklayers._core._axes import OutputSpec
 from ntklayers._core._capture import capture_with, prepare
 from ntklayers._core._ops import AFFINE
@@ -70,6 +71,11 @@ class Inspection:
     fallback_method: the fallback route, ``"jacobian"`` or ``"ntk_vp"``.
     shapes: ``(N1, N2, *output shape past the batch)``.
     forward_flops: estimated forward FLOPs per example (from the traced program).
+    route: the route taken: ``"structured"`` / ``"structured+ntk_vp"`` (groups and
+      the fallback by Jacobians / NTK-vector products) or ``"jacobian"`` /
+      ``"ntk_vp"`` (the whole model).
+    costs: under ``implementation="auto"``, the cost model's predicted FLOPs of
+      every route, ``{route: RouteCost}`` (``auto`` took ``route`` from them).
   """
 
   groups: tuple[GroupRoute, ...]
@@ -77,6 +83,8 @@ class Inspection:
   fallback_method: str
   shapes: tuple[int, ...]
   forward_flops: float
+  route: str = "structured"
+  costs: dict = dataclasses.field(default_factory=dict)
 
   @property
   def fallback_fraction(self) -> float:
@@ -129,6 +137,12 @@ def inspect_model(f: Callable, params: Any, x1: Any, x2: Any, options: Options) 
   reasons = _reasons(notes)
   plain = (PLAIN if setup.recognize else
            "structure='annotated': only drop-in layers are structured")
+  if setup.costs and setup.route in ("jacobian", "ntk_vp"):
+    costs = dict(setup.costs)
+    saved = min(costs["structured"].total, costs["structured+ntk_vp"].total)
+    plain = (f"implementation='auto' runs the whole model by {setup.route}, predicted "
+             f"{saved / costs[setup.route].total:.1f}x cheaper than the structured route")
+    reasons = {}
   n_fb = len(setup.plan.fallback)
   for g in setup.plan.fallback:
     size = sum(leaves[i].size for i in g.leaves)
@@ -141,7 +155,8 @@ def inspect_model(f: Callable, params: Any, x1: Any, x2: Any, options: Options) 
     rows.append(GroupRoute(g.name, tuple(paths[i] for i in g.leaves), size,
                            f"fallback ({setup.method})", "", reasons.get(g.name, plain),
                            cost, memory))
-  return Inspection(tuple(rows), setup.mode, setup.method, (n1, n2, *setup.out_rest), flops)
+  return Inspection(tuple(rows), setup.mode, setup.method, (n1, n2, *setup.out_rest), flops,
+                    setup.route, dict(setup.costs))
 
 
 def _nbytes(a: Any) -> int:
@@ -206,6 +221,8 @@ def render(insp: Inspection) -> str:
            f"total: {total:,} parameters, {100 * (1 - insp.fallback_fraction):.0f}% structured, "
            f"~{_si(sum(g.flops for g in insp.groups))} FLOPs, "
            f"~{_mib(sum(g.memory for g in insp.groups))} of factors"]
+  if insp.costs:
+    lines += ["routes (predicted; * = taken):", _routes.describe(insp.costs, insp.route)]
   return "\n".join(lines)
 
 

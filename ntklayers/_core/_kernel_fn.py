@@ -167,8 +167,8 @@ def kernel(f: Callable, params: Any, x1: Any, x2: Any, options: Options,
   if "ntk" in names:
     with collecting_notes() as notes:
       setup = prepare(f, params, xs, options)
-    slow = (slow_route_message(setup, params)
-            if options.implementation in ("auto", "structured") else None)
+    slow = (slow_route_message(setup, params)  # (not when auto chose a whole-model route)
+            if setup.route in ("structured", "structured+ntk_vp") else None)
     if slow is not None:
       notes.append((None, None, slow))
     c1 = capture_with(setup, params, x1)

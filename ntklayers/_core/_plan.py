@@ -40,6 +40,20 @@ def collecting_notes() -> Iterator["list[Note]"]:
     _NOTES.reset(token)
 
 
+def notes_mark() -> int:
+  """How many notes have been collected so far (for :func:`notes_reset`)."""
+  notes = _NOTES.get()
+  return 0 if notes is None else len(notes)
+
+
+def notes_reset(mark: int) -> None:
+  """Forgets the notes collected since :func:`notes_mark` returned ``mark`` (a plan
+  that was replaced by another before it was used)."""
+  notes = _NOTES.get()
+  if notes is not None:
+    del notes[mark:]
+
+
 def warn_once(name: str, reason: str, role: str | None = None) -> None:
   """Notes that a layer's (or one parameter's) leaves go to the exact fallback.
 
