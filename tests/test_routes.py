@@ -250,3 +250,61 @@ def test_fallback_route_follows_the_jacobian_memory_budget(monkeypatch):
   info = ntklayers.inspect(f, params, x)
   assert info.route == "structured+ntk_vp" and info.fallback_method == "ntk_vp"
   _exact(f, params, x)
+
+
+# ------------------------------------------------------------ fused offsets ---
+
+B = {"W": jax.random.normal(KEY(11), (3, 4), jnp.float64),
+     "V": jax.random.normal(KEY(12), (4, 2), jnp.float64),
+     "b": jax.random.normal(KEY(13), (4,), jnp.float64),
+     "c": jax.random.normal(KEY(14), (5, 4), jnp.float64)}
+
+FUSED = {
+    # (f, expected groups as sorted tuples of leaf paths)
+    "dense_plus_bias": (lambda p, x: jnp.tanh(x @ p["W"] + p["b"][None]) @ p["V"],
+                        [("['V']",), ("['W']", "['b']")]),
+    "bias_first": (lambda p, x: jnp.tanh(p["b"][None] + x @ p["W"]) @ p["V"],
+                   [("['V']",), ("['W']", "['b']")]),
+    "product_used_twice": (lambda p, x: (lambda h: jnp.tanh(h + p["b"][None]) @ p["V"]
+                                         + h.sum(-1, keepdims=True))(x @ p["W"]),
+                           [("['V']",), ("['W']",), ("['b']",)]),
+    "subtracted_bias": (lambda p, x: jnp.tanh(x @ p["W"] - p["b"][None]) @ p["V"],
+                        [("['V']",), ("['W']",), ("['b']",)]),
+    "shared_bias": (lambda p, x: jnp.tanh(x @ p["W"] + p["b"][None]) @ p["V"]
+                    + jnp.tanh(jnp.sin(x) @ p["W"] + p["b"][None]) @ p["V"],
+                    [("['V']",), ("['W']", "['b']")]),
+    "bias_over_rows": (lambda p, x: jnp.tanh(x @ p["W"] + p["c"]) @ p["V"],
+                       [("['V']",), ("['W']",)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_bias_adds_fuse_into_the_product_they_follow(name):
+  """``x @ W + b`` is one group (one cotangent, as a drop-in layer with a bias)
+  when ``b`` varies along the output features and the product has no other use;
+  otherwise the bias is its own group (or, varying along the rows, the fallback).
+  Exact in every case."""
+  f, expected = FUSED[name]
+  x = jax.random.normal(KEY(15), (5, 3), jnp.float64)
+  info = ntklayers.inspect(f, B, x)
+  params = {k: B[k] for k in ("W", "V", "b", "c")}
+  groups = sorted(tuple(sorted(g.paths)) for g in info.groups
+                  if g.route.startswith("structured"))
+  assert groups == sorted(expected), str(info)
+  _exact(f, params, x)
+
+
+def test_fused_layers_inside_a_layer_stack():
+  """Stock ``hk.Linear`` under ``hk.layer_stack``: weight and bias slices fused per
+  step, one group per stacked leaf pair, exact."""
+  def fn(x):
+    stack = hk.layer_stack(3)(lambda h: jnp.tanh(hk.Linear(6)(h)))
+    return hk.Linear(2)(stack(hk.Linear(6)(x)))
+
+  net = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY(16), (4, 5), jnp.float64)
+  params = net.init(KEY(17), x)
+  info = ntklayers.inspect(net.apply, params, x)
+  assert all(g.route.startswith("structured") for g in info.groups), str(info)
+  assert len(info.groups) == 3  # (w, b) of each Linear, the stacked one as one group
+  _exact(net.apply, params, x)
