@@ -58,7 +58,7 @@ STRIDE = 64
 # {test function: stride}: matrices the default tier keeps more of (1: all).
 STRIDES = {
     "test_kernel_matches_reference": 12,  # the registry's exactness
-    "test_fuzz_examples": 3,
+    "test_fuzz_examples": 5,
     "test_architecture_names_every_module": 1,  # reads a file: no compilation
     "test_modules_are_private_behind_all": 1,
 }
@@ -67,6 +67,7 @@ STRIDES = {
 HEAVY = frozenset({
     # large kernels: test_kill9_at_each_point, test_blocked.py (2 devices, resume)
     "test_kill9_at_random_points", "test_two_processes_resume_a_damaged_file",
+    "test_resume_after_interrupt_is_byte_identical",
     "test_four_devices", "test_two_processes", "test_haiku_state_closed_over",
     "test_batch_axis_traced_pytree_inputs",
     # fuzzers: their explicit examples (test_fuzz_implementations) and unit tests

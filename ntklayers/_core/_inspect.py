@@ -21,7 +21,6 @@ from ntklayers._core import _cost
 from ntklayers._core import _routes
 from ntklayers._core._axes import OutputSpec
 from ntklayers._core._capture import capture_with, prepare
-from ntklayers._core._ops import AFFINE
 from ntklayers._core._options import Options
 from ntklayers._core._plan import collecting_notes, leaf_paths
 
@@ -123,11 +122,13 @@ def inspect_model(f: Callable, params: Any, x1: Any, x2: Any, options: Options) 
   same = x2 is None
   pairs = n1 * n_out * (n_out if options.diagonal_batch else n2 * n_out)
   rows = []
-  for group, calls in zip(setup.plan.groups, layers1):
+  layers2 = layers[-1]
+  for group, calls, calls2 in zip(setup.plan.groups, layers1, layers2):
     records = [setup.plan.records[c] for c in group.calls]
     size = sum(leaves[i].size for i in group.leaves)
     memory = sum(_nbytes(x) + _nbytes(g) for x, g in calls) * (1 if same else 2)
-    form, cost = _group_cost(group.op, spec, calls, same, size, n1, n_out, pairs)
+    form, cost = _routes.group_flops(group.op, group.roles, spec, _shapes(calls),
+                                     _shapes(calls2), same, size, n_out, pairs)
     if form == "jacobian":
       memory += n1 * n_out * size * itemsize * (1 if same else 2)
     tagged = all(r.recognized is None for r in records)
@@ -163,17 +164,8 @@ def _nbytes(a: Any) -> int:
   return math.prod(a.shape) * np.dtype(a.dtype).itemsize
 
 
-def _group_cost(op, spec, calls, same, size, n, n_out, pairs) -> tuple[str, float]:
-  """The cheaper contraction of one structured group and its FLOPs."""
-  form = n * n_out * size * (len(calls) if same else 2 * len(calls))
-  jac = form + pairs * size
-  if op is not AFFINE or op.costs is None:
-    return "jacobian", float(jac)
-  stacks = calls[0][0].shape[0]
-  shapes = [(x.shape[1:], g.shape[1:]) for x, g in calls]
-  act, jac = op.costs(spec, shapes, shapes, same)
-  act, jac = act * stacks, jac * stacks
-  return ("jacobian", jac) if jac < act else ("activation", act)
+def _shapes(calls) -> list:
+  return [(tuple(x.shape), tuple(g.shape)) for x, g in calls]
 
 
 def _reasons(notes: list) -> dict[str, str]:

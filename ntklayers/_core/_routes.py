@@ -164,16 +164,23 @@ def group_flops(op: Any, roles: tuple, spec: Any, calls1: list, calls2: list, sa
   return ("jacobian", jac) if jac < act else ("activation", act)
 
 
+def _si(v: float) -> str:
+  for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(v) >= scale:
+      return f"{v / scale:.2f}{unit}"
+  return f"{v:.0f}"
+
+
 def describe(costs: dict[str, RouteCost], chosen: str) -> str:
-  """One line per route: predicted GFLOPs (factors + contractions), the chosen one
-  marked."""
+  """One line per route: predicted FLOPs (passes + contractions), the chosen one
+  marked ``*``."""
   lines = []
   for r in ROUTES:
     c = costs[r]
     mark = "*" if r == chosen else " "
     fits = "" if c.fits else " (over the Jacobian memory budget)"
-    lines.append(f"{mark} {r:<18} {c.total / 1e9:10.3f} GFLOP  (passes "
-                 f"{c.factors / 1e9:.3f} + contractions {c.contractions / 1e9:.3f}){fits}")
+    lines.append(f"{mark} {r:<18} {_si(c.total):>8} FLOPs  (passes {_si(c.factors)} + "
+                 f"contractions {_si(c.contractions)}){fits}")
   return "\n".join(lines)
 
 
