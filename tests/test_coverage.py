@@ -60,7 +60,9 @@ def used_classes() -> dict[type, frozenset[str]]:
           used[type(node)].add(model.name)
       continue
     intercept = hk.intercept_methods if fw == "haiku" else nn.intercept_methods
-    with models.expect_fallback_warning(model), intercept(spy):
+    # (jit off: a jitted apply traced earlier in this worker would not run its
+    # Python, and its modules, again)
+    with models.expect_fallback_warning(model), intercept(spy), jax.disable_jit():
       jax.eval_shape(built.f, built.params, built.x1)
   return {k: frozenset(v) for k, v in used.items()}
 

@@ -230,10 +230,11 @@ class _Walk:
   def _fuse(self, k: int, bias: Any, path: Path) -> bool:
     """Makes ``bias`` the offset of recognized call ``k`` when it is one."""
     call = self.found[k]
-    if call.skip is not None or not fuse_offset(call.kind, call.config, call.recognized,
-                                                call.stack, bias, call.out[0]):
+    product = call.recognized
+    if product is None or call.skip is not None or not fuse_offset(
+        call.kind, call.config, product, call.stack, bias, call.out[0]):
       return False
-    recognized = dataclasses.replace(call.recognized, source=call.path,
+    recognized = dataclasses.replace(product, source=call.path,
                                      offset_param=bias.recognized.param)
     self.found[k] = dataclasses.replace(
         call, leaves=call.leaves + ((OFFSET_ROLE[call.kind], bias.view.leaf),), path=path,
