@@ -96,8 +96,8 @@ def measure_form(m: zoo.ZooModel, args, rate: float) -> list[list[str]]:
     if compiled is not None:
       jax.block_until_ready(compiled(m.params, m.x))
       calls.append((row, compiled, preds[route] or 0.0))
+  previous = 0.0
   for _ in range(args.repeats):
-    previous = 0.0
     for row, compiled, pred in calls:
       if len(row.times) >= 3 and sum(row.times) > args.budget:
         continue
