@@ -190,7 +190,9 @@ def inspect(module: nn.Module, variables: Mapping[str, Any], x1: Any, x2: Any = 
     >>> module = nn.Dense(2)
     >>> variables = module.init(jax.random.key(0), jnp.ones((1, 3)))
     >>> info = ntklayers.flax.inspect(module, variables, jnp.ones((4, 3)))
-    >>> [g.route for g in info.groups]
-    ['structured (recognized)', 'structured (recognized)']
+    >>> [g.route for g in info.groups]   # the bias is fused into its layer
+    ['structured (recognized)']
+    >>> info.groups[0].paths
+    ("['kernel']", "['bias']")
   """
   return ntk_fn(module, method=method, mutable=mutable, **options).inspect(variables, x1, x2)
