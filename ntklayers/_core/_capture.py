@@ -230,7 +230,7 @@ def _route(options: Options, plan: Plan, traced: tuple, params: Any, mask: list,
   every route as ``((route, RouteCost), ...)``."""
   impl = options.implementation
   if impl != "auto":
-    return {"structured": "structured"}.get(impl, impl), ()
+    return impl, ()  # "structured" (Jacobian fallback), "jacobian" or "ntk_vp"
   costs = _routes.predict(_canonical.route_shapes(options, plan, traced, params, mask, xs, flops))
   return _routes.choose_route(costs), tuple(costs.items())
 
