@@ -65,8 +65,7 @@ route next to its measured time, on the zoo's Haiku forms (see the docstring of
 `benchmarks/bench_routes.py` for every column). FLOPs at the GEMM rate are a lower
 bound; what matters for the choice is the order of the routes, and `auto`'s time
 relative to the fastest route it could have taken. Absolute times vary with the
-machine's load (the run of this page shared its 2 cores with a test run for part
-of the time), ranks and ratios much less.
+machine's load (printed below), ranks and ratios much less.
 """
 
 
