@@ -179,13 +179,6 @@ def _reasons(notes: list) -> dict[str, str]:
   return out
 
 
-def _si(v: float) -> str:
-  for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-    if abs(v) >= scale:
-      return f"{v / scale:.1f}{unit}"
-  return f"{v:.0f}"
-
-
 def _mib(b: int) -> str:
   return f"{b / 2**20:.2f} MiB" if b >= 2**14 else f"{b} B"
 
@@ -198,7 +191,7 @@ def _short(paths: tuple[str, ...]) -> str:
 def render(insp: Inspection) -> str:
   """A fixed-width table of an :class:`Inspection` (``str(inspection)``)."""
   head = ("parameters", "size", "route", "form", "FLOPs", "memory", "why not structured")
-  body = [(_short(g.paths), f"{g.size:,}", g.route, g.contraction or "-", _si(g.flops),
+  body = [(_short(g.paths), f"{g.size:,}", g.route, g.contraction or "-", _routes.si(g.flops, 1),
            _mib(g.memory), g.reason or "-") for g in insp.groups]
   widths = [max(len(r[k]) for r in [head, *body]) for k in range(len(head) - 1)]
 
@@ -208,10 +201,10 @@ def render(insp: Inspection) -> str:
   total = sum(g.size for g in insp.groups)
   n1, n2, *rest = insp.shapes
   lines = [f"NTK [N1={n1}, N2={n2}, out={tuple(rest)}]; samples: {_MODES[insp.mode]}; "
-           f"forward ~{_si(insp.forward_flops)} FLOPs per example",
+           f"forward ~{_routes.si(insp.forward_flops, 1)} FLOPs per example",
            line(head), line(tuple("-" * len(h) for h in head)), *map(line, body),
            f"total: {total:,} parameters, {100 * (1 - insp.fallback_fraction):.0f}% structured, "
-           f"~{_si(sum(g.flops for g in insp.groups))} FLOPs, "
+           f"~{_routes.si(sum(g.flops for g in insp.groups), 1)} FLOPs, "
            f"~{_mib(sum(g.memory for g in insp.groups))} of factors"]
   if insp.costs:
     lines += ["routes (predicted; * = taken):", _routes.describe(insp.costs, insp.route)]

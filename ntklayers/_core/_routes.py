@@ -164,10 +164,11 @@ def group_flops(op: Any, roles: tuple, spec: Any, calls1: list, calls2: list, sa
   return ("jacobian", jac) if jac < act else ("activation", act)
 
 
-def _si(v: float) -> str:
+def si(v: float, digits: int = 2) -> str:
+  """``v`` with an SI prefix (``k``, ``M``, ``G``, ``T``): FLOP counts in tables."""
   for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
     if abs(v) >= scale:
-      return f"{v / scale:.2f}{unit}"
+      return f"{v / scale:.{digits}f}{unit}"
   return f"{v:.0f}"
 
 
@@ -179,8 +180,8 @@ def describe(costs: dict[str, RouteCost], chosen: str) -> str:
     c = costs[r]
     mark = "*" if r == chosen else " "
     fits = "" if c.fits else " (over the Jacobian memory budget)"
-    lines.append(f"{mark} {r:<18} {_si(c.total):>8} FLOPs  (passes {_si(c.factors)} + "
-                 f"contractions {_si(c.contractions)}){fits}")
+    lines.append(f"{mark} {r:<18} {si(c.total):>8} FLOPs  (passes {si(c.factors)} + "
+                 f"contractions {si(c.contractions)}){fits}")
   return "\n".join(lines)
 
 
